@@ -1,0 +1,35 @@
+SHELL := /bin/bash
+# braidinfer: `make test` sets up and runs the test suite; `make bundle` prepares dist/ for
+# the GPU machine (which has no cargo): binaries, the GPU test executable, tokenizer files and
+# gpu-test.sh.
+
+SHARED_MODEL ?= ../shared/models/qwen3-0.6b
+CARGO ?= cargo
+
+.PHONY: setup test build bundle fmt lint ptxas clean
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release --bins
+
+test: setup
+	$(CARGO) test --release -- --show-output
+
+bundle: setup
+	@bash scripts/bundle.sh "$(SHARED_MODEL)"
+
+fmt:
+	$(CARGO) fmt --all
+
+lint: setup
+	$(CARGO) clippy --release --all-targets -- -D warnings
+
+# The compiler's resource report (registers, shared memory, spills) of every kernel.
+ptxas: setup
+	@bash scripts/ptxas-report.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf dist

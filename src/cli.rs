@@ -1,0 +1,223 @@
+//! The `braidinfer` command line: arguments parsed by clap, validated into a typed run, run.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{ensure, Context, Result};
+use clap::{Parser, ValueEnum};
+
+use crate::config::ModelConfig;
+use crate::generate::{check_prompt_fits, generate, CpuDecoder, Decoder, GenerationStats};
+use crate::model::Model;
+use crate::model_source::{default_tokenizer_dir, resolve_model};
+use crate::reference::CpuModel;
+use crate::sampling::{SamplingParams, MAX_TOP_K};
+use crate::synthetic::write_model_dir;
+use crate::tokenizer::{ChatMessage, StreamDecoder};
+
+const ABOUT: &str = "Fast local decoding of Qwen3-0.6B: hand-written CUDA kernels, the whole decode step replayed as one CUDA graph.";
+
+const LONG_ABOUT: &str = "\
+Fast local decoding of Qwen3-0.6B: hand-written CUDA kernels, the whole decode step replayed as
+one CUDA graph. The answer streams to stdout as it is generated; errors and --stats go to stderr.
+
+Examples:
+  braidinfer --prompt \"Why is the sky blue?\"                 (downloads Qwen/Qwen3-0.6B once)
+  braidinfer --model ./Qwen3-0.6B --prompt \"Hi\" --no-think   (a local model directory)
+  braidinfer --synthetic --prompt \"Hi\" --stats              (random weights, real speed)
+  braidinfer --synthetic --save-synthetic ./synthetic-qwen3  (write that model for transformers)
+
+Backends: --backend cpu runs the f32 CPU reference (slow; the correctness oracle). The CUDA
+path is being built (see the README); until it lands, every backend runs the CPU reference.";
+
+#[derive(Parser, Debug)]
+#[command(name = "braidinfer", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Args {
+    /// The user message (rendered with the model's chat template unless --raw).
+    #[arg(long)]
+    pub prompt: Option<String>,
+
+    /// Local model directory, or a Hugging Face repo id resolved through the Hugging Face cache.
+    #[arg(long, default_value = "Qwen/Qwen3-0.6B")]
+    pub model: String,
+
+    /// Seeded random weights of the real Qwen3-0.6B shapes and the real tokenizer; no download.
+    #[arg(long)]
+    pub synthetic: bool,
+
+    /// With --synthetic: number of layers (the real model has 28).
+    #[arg(long, default_value_t = 28, value_name = "N")]
+    pub layers: usize,
+
+    /// With --synthetic: the seed of the weights.
+    #[arg(long, default_value_t = 0, value_name = "SEED")]
+    pub weights_seed: u64,
+
+    /// With --synthetic: directory holding tokenizer.json and tokenizer_config.json.
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<PathBuf>,
+
+    /// With --synthetic: write the model as a directory transformers can load, then exit.
+    #[arg(long, value_name = "DIR")]
+    pub save_synthetic: Option<PathBuf>,
+
+    /// Most tokens to generate (generation also stops at <|im_end|> or <|endoftext|>).
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_tokens: usize,
+
+    /// Sampling temperature; 0 is greedy. Default: the model's generation_config.json (0.6).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+
+    /// Keep the K most likely tokens, 1 to 64. Default: generation_config.json (20).
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+
+    /// Keep the smallest set of tokens whose probability reaches P, in (0, 1]. Default: generation_config.json (0.95).
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
+
+    /// Seed of the sampler: the same seed reproduces a run.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Send the prompt as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+
+    /// Ask Qwen3 to answer without a <think> block (enable_thinking=false in the template).
+    #[arg(long)]
+    pub no_think: bool,
+
+    /// Print prompt length, prefill tok/s, time to first token and decode tok/s to stderr.
+    #[arg(long)]
+    pub stats: bool,
+
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// The GPU when one is usable, else the CPU reference.
+    Auto,
+    /// The f32 CPU reference forward pass.
+    Cpu,
+}
+
+/// Arguments checked before any model file is touched.
+struct Validated {
+    prompt: Option<String>,
+    max_tokens: usize,
+}
+
+fn validate(args: &Args) -> Result<Validated> {
+    ensure!(args.max_tokens > 0, "--max-tokens must be at least 1");
+    ensure!(args.layers > 0, "--layers must be at least 1");
+    if let Some(t) = args.temperature {
+        ensure!(t.is_finite() && t >= 0.0, "--temperature must be >= 0 (0 = greedy), got {t}");
+    }
+    if let Some(p) = args.top_p {
+        ensure!(p > 0.0 && p <= 1.0, "--top-p must be in (0, 1], got {p}");
+    }
+    if let Some(k) = args.top_k {
+        ensure!((1..=MAX_TOP_K).contains(&k), "--top-k must be between 1 and {MAX_TOP_K}, got {k}");
+    }
+    let saving = args.save_synthetic.is_some();
+    ensure!(!saving || args.synthetic, "--save-synthetic needs --synthetic");
+    let prompt = match &args.prompt {
+        Some(p) if p.trim().is_empty() => anyhow::bail!("the prompt is empty"),
+        Some(p) => Some(p.clone()),
+        None if saving => None,
+        None => anyhow::bail!("--prompt is required (see --help)"),
+    };
+    Ok(Validated { prompt, max_tokens: args.max_tokens })
+}
+
+fn load(args: &Args) -> Result<Model> {
+    if args.synthetic {
+        let tokenizer_dir = match &args.tokenizer {
+            Some(dir) => dir.clone(),
+            None => default_tokenizer_dir()?,
+        };
+        let config = ModelConfig { layers: args.layers, ..ModelConfig::qwen3_0_6b() };
+        return Model::synthetic(config, args.weights_seed, &tokenizer_dir);
+    }
+    Model::load(&resolve_model(&args.model)?)
+}
+
+/// Runs the command line; errors come back with their chain for `main` to print.
+pub fn run(args: Args) -> Result<()> {
+    let validated = validate(&args)?;
+    let model = load(&args)?;
+    if let Some(dir) = &args.save_synthetic {
+        let tokenizer_dir = match &args.tokenizer {
+            Some(dir) => dir.clone(),
+            None => default_tokenizer_dir()?,
+        };
+        write_model_dir(dir, &model.config, &model.weights, &tokenizer_dir)?;
+        eprintln!("wrote {}", dir.display());
+        return Ok(());
+    }
+    let params = SamplingParams {
+        temperature: args.temperature.unwrap_or(model.generation.temperature),
+        top_k: args.top_k.unwrap_or(model.generation.top_k.clamp(1, MAX_TOP_K)),
+        top_p: args.top_p.unwrap_or(model.generation.top_p),
+        seed: args.seed,
+    };
+    params.validate()?;
+    let prompt_text = validated.prompt.expect("validated: a prompt unless saving");
+    let prompt = prompt_ids(&model, &prompt_text, args.raw, args.no_think)?;
+
+    let cpu = CpuModel::new(&model.config, &model.weights);
+    let mut decoder = CpuDecoder::new(&cpu, params);
+    check_prompt_fits(prompt.len(), decoder.context_limit())?;
+    let stats = stream_answer(&model, &mut decoder, &prompt, validated.max_tokens)?;
+    if args.stats {
+        print_stats(&stats, "CPU reference");
+    }
+    Ok(())
+}
+
+fn prompt_ids(model: &Model, prompt: &str, raw: bool, no_think: bool) -> Result<Vec<u32>> {
+    let text = if raw {
+        prompt.to_string()
+    } else {
+        let thinking = if no_think { Some(false) } else { None };
+        model.tokenizer.apply_chat_template(&[ChatMessage::new("user", prompt)], thinking)?
+    };
+    let ids = model.tokenizer.encode(&text)?;
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= model.config.vocab) {
+        anyhow::bail!("the tokenizer produced id {bad}, outside the model's vocabulary of {}", model.config.vocab);
+    }
+    Ok(ids)
+}
+
+fn stream_answer(model: &Model, decoder: &mut dyn Decoder, prompt: &[u32], max_tokens: usize) -> Result<GenerationStats> {
+    let mut text = StreamDecoder::new(&model.tokenizer);
+    let mut stdout = std::io::stdout().lock();
+    let stats = generate(decoder, prompt, max_tokens, &model.generation.eos_tokens, |token| {
+        if let Some(piece) = text.push(token)? {
+            stdout.write_all(piece.as_bytes()).context("writing to stdout")?;
+            stdout.flush().context("writing to stdout")?;
+        }
+        Ok(())
+    })?;
+    let rest = text.finish()?;
+    writeln!(stdout, "{rest}").context("writing to stdout")?;
+    Ok(stats)
+}
+
+fn print_stats(stats: &GenerationStats, backend: &str) {
+    eprintln!(
+        "[{backend}] prompt {} tokens, prefill {:.1} tok/s, time to first token {:.1} ms, \
+         {} tokens generated at {:.1} tok/s{}",
+        stats.prompt_tokens,
+        stats.prefill_tokens_per_second(),
+        stats.time_to_first_token.as_secs_f64() * 1e3,
+        stats.generated_tokens,
+        stats.decode_tokens_per_second(),
+        if stats.stopped_on_eos { " (stopped at end of turn)" } else { "" }
+    );
+}
