@@ -28,6 +28,76 @@ cudaError_t bi_embedding(float *x, const bi_bf16 *table, const int32_t *tokens, 
 cudaError_t bi_rmsnorm(bi_bf16 *out, const float *x, const bi_bf16 *weight, int m, int hidden,
                        float eps, cudaStream_t stream);
 
+/* ---- Qwen3-0.6B dimensions the layer kernels are built for (the host checks the config). ---- */
+#define BI_HIDDEN 1024
+#define BI_Q_HEADS 16
+#define BI_KV_HEADS 8
+#define BI_HEAD_DIM 128
+#define BI_INTERMEDIATE 3072
+/* Tokens per KV-cache block (page). */
+#define BI_BLOCK_TOKENS 16
+/* Floats per attention partial: running max, running sum, 128 accumulators. */
+#define BI_PARTIAL_FLOATS (BI_HEAD_DIM + 2)
+/* Most candidates per sequence the sampler keeps (the top-k limit). */
+#define BI_MAX_TOP_K 64
+/* Vocabulary chunks the sampler's first pass splits each row into. */
+#define BI_SAMPLE_CHUNKS 128
+
+typedef enum {
+    BI_EPILOGUE_STORE_F32 = 0,    /* out f32 [m, n] = acc */
+    BI_EPILOGUE_ADD_RESIDUAL = 1, /* out f32 [m, n] += acc (the residual stream) */
+    BI_EPILOGUE_SWIGLU = 2,       /* out bf16 [m, n/2]: silu(acc[:, 2i]) * acc[:, 2i+1] (w rows interleave gate/up) */
+} bi_epilogue;
+
+/* out = a . w^T on tensor cores with f32 accumulation, then the epilogue.
+ * a: [m, k] bf16; w: [n, k] bf16. k must be a multiple of 128, n of 16 (of 128 when m > 64). */
+cudaError_t bi_linear(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, int n, int k,
+                      bi_epilogue epilogue, cudaStream_t stream);
+
+/* Per row r (a token at position positions[r] of sequence row_seq[r]; rows with a negative
+ * position are padding and are skipped):
+ *   q[r, h]   = bf16(rope(rmsnorm(qkv_q[r, h]) * q_norm)),  h < 16
+ *   k, v      = bf16(rope(rmsnorm(qkv_k[r, j]) * k_norm)), bf16(qkv_v[r, j]),  j < 8, written to
+ *               the paged cache at block block_tables[row_seq[r], pos / 16], slot pos % 16.
+ * qkv: [m, 4096] f32 (q 2048 | k 1024 | v 1024); q: [m, 16, 128] bf16; rope_inv_freq: [64] f32;
+ * k_cache, v_cache: [blocks, 8, 16, 128] bf16 (one layer); block_tables: [seqs, max_blocks]. */
+cudaError_t bi_qk_norm_rope_cache(bi_bf16 *q, bi_bf16 *k_cache, bi_bf16 *v_cache, const float *qkv,
+                                  const bi_bf16 *q_norm, const bi_bf16 *k_norm,
+                                  const float *rope_inv_freq, const int32_t *positions,
+                                  const int32_t *row_seq, const int32_t *block_tables, int m,
+                                  int max_blocks, float eps, cudaStream_t stream);
+
+/* Causal GQA attention over the paged cache: row r attends to positions 0..positions[r] of
+ * sequence row_seq[r]; query head h reads kv head h / 2; scale 1/sqrt(128). The positions are
+ * split into `splits` ranges handled by separate blocks, then combined (flash-decoding).
+ * out: [m, 16 * 128] bf16; partials: [m, 16, splits, BI_PARTIAL_FLOATS] f32 workspace;
+ * q: [m, 16, 128] bf16. Padding rows (negative position) write zeros. */
+cudaError_t bi_attention(bi_bf16 *out, float *partials, const bi_bf16 *q, const bi_bf16 *k_cache,
+                         const bi_bf16 *v_cache, const int32_t *positions, const int32_t *row_seq,
+                         const int32_t *block_tables, int m, int max_blocks, int splits,
+                         cudaStream_t stream);
+
+/* Sampling parameters of one sequence (temperature 0 or top_k 1: greedy). */
+typedef struct {
+    float temperature;
+    int32_t top_k;
+    float top_p;
+    uint32_t seed_lo;
+    uint32_t seed_hi;
+    uint32_t sequence; /* Philox counter word: which request this is */
+} bi_sampling_params;
+
+/* Picks the next token of each row b < batch from logits[b, :vocab] exactly as
+ * src/sampling.rs does (top-k, softmax at temperature, top-p, Philox draw of
+ * (seed, sequence, steps[b])). Rows whose positions[b] is negative are padding and are skipped.
+ * Otherwise writes tokens[b], and advances positions[b] and steps[b] by one, so that the next
+ * decode step reads its input from the device. cand_values / cand_ids: [batch,
+ * BI_SAMPLE_CHUNKS, BI_MAX_TOP_K] workspace. logits: [batch, vocab] f32; vocab at most
+ * BI_SAMPLE_CHUNKS * 2048. */
+cudaError_t bi_sample(int32_t *tokens, int32_t *positions, uint32_t *steps, float *cand_values,
+                      int32_t *cand_ids, const float *logits, const bi_sampling_params *params,
+                      int batch, int vocab, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -139,7 +139,8 @@ impl ModelWeights {
 }
 
 impl LayerWeights {
-    fn named(&self) -> [(&'static str, &HostTensor); 11] {
+    /// Every tensor of the layer under its name within the layer.
+    pub fn named(&self) -> [(&'static str, &HostTensor); 11] {
         [
             ("input_layernorm.weight", &self.input_norm),
             ("self_attn.q_proj.weight", &self.q_proj),

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 
 use super::ffi;
 
@@ -66,16 +66,6 @@ impl Gpu {
     }
 }
 
-/// A device pointer for the C ABI. The pointer is only valid while `slice` lives; callers pass
-/// it straight into one launch on the Gpu's stream.
-pub fn ptr<T>(gpu: &Gpu, slice: &CudaSlice<T>) -> *const T {
-    slice.device_ptr(&gpu.stream).0 as *const T
-}
-
-pub fn ptr_mut<T>(gpu: &Gpu, slice: &mut CudaSlice<T>) -> *mut T {
-    slice.device_ptr_mut(&gpu.stream).0 as *mut T
-}
-
 /// Turns a `cudaError_t` from the C ABI into an error naming the launch.
 pub fn check(code: ffi::cudaError_t, what: &str) -> Result<()> {
     if code == ffi::cudaError_cudaSuccess {
@@ -85,3 +75,7 @@ pub fn check(code: ffi::cudaError_t, what: &str) -> Result<()> {
     let text = unsafe { std::ffi::CStr::from_ptr(ffi::bi_error_string(code)) };
     bail!("{what}: CUDA error {code} ({})", text.to_string_lossy())
 }
+
+// SAFETY: bi_sampling_params is a #[repr(C)] struct of plain 32-bit fields (bindgen output),
+// valid for any bit pattern, so it may be copied to the device as bytes.
+unsafe impl DeviceRepr for ffi::bi_sampling_params {}

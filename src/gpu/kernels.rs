@@ -1,23 +1,60 @@
 //! Safe wrappers of the csrc kernels: each checks buffer lengths against the dims it passes,
-//! then makes the one FFI call. bf16 buffers are `CudaSlice<u16>` (raw bits).
+//! then makes the one FFI call. Buffers are anything cudarc can point at (slices and views);
+//! bf16 buffers hold raw bits (`u16`).
 
 use anyhow::{ensure, Result};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceSlice};
 
-use super::device::{check, ptr, ptr_mut, Gpu};
+use super::device::{check, Gpu};
 use super::ffi;
 
-fn fits<T>(buffer: &CudaSlice<T>, needed: usize, name: &str) -> Result<()> {
+pub use ffi::bi_sampling_params as SamplingParamsRaw;
+
+/// Model dimensions the layer kernels are compiled for.
+pub const HIDDEN: usize = ffi::BI_HIDDEN as usize;
+pub const Q_HEADS: usize = ffi::BI_Q_HEADS as usize;
+pub const KV_HEADS: usize = ffi::BI_KV_HEADS as usize;
+pub const HEAD_DIM: usize = ffi::BI_HEAD_DIM as usize;
+pub const INTERMEDIATE: usize = ffi::BI_INTERMEDIATE as usize;
+pub const BLOCK_TOKENS: usize = ffi::BI_BLOCK_TOKENS as usize;
+pub const PARTIAL_FLOATS: usize = ffi::BI_PARTIAL_FLOATS as usize;
+pub const SAMPLE_CHUNKS: usize = ffi::BI_SAMPLE_CHUNKS as usize;
+pub const MAX_TOP_K: usize = ffi::BI_MAX_TOP_K as usize;
+pub const Q_WIDTH: usize = Q_HEADS * HEAD_DIM;
+pub const KV_WIDTH: usize = KV_HEADS * HEAD_DIM;
+pub const QKV_WIDTH: usize = Q_WIDTH + 2 * KV_WIDTH;
+
+/// What `linear` does with its f32 result.
+pub enum Epilogue {
+    /// out f32 [m, n] = a . w^T
+    Store,
+    /// out f32 [m, n] += a . w^T (the residual stream)
+    AddResidual,
+}
+
+fn fits<T>(buffer: &impl DeviceSlice<T>, needed: usize, name: &str) -> Result<()> {
     ensure!(buffer.len() >= needed, "{name}: buffer of {} elements, launch needs {needed}", buffer.len());
     Ok(())
 }
 
-/// x[m, hidden] f32 = table[tokens[m]] ; table [vocab, hidden] bf16.
+fn dim(value: usize, name: &str) -> Result<i32> {
+    i32::try_from(value).map_err(|_| anyhow::anyhow!("{name} = {value} does not fit the kernel ABI"))
+}
+
+fn p<T>(gpu: &Gpu, buffer: &impl DevicePtr<T>) -> *const T {
+    buffer.device_ptr(&gpu.stream).0 as *const T
+}
+
+fn pm<T>(gpu: &Gpu, buffer: &mut impl DevicePtrMut<T>) -> *mut T {
+    buffer.device_ptr_mut(&gpu.stream).0 as *mut T
+}
+
+/// x[m, hidden] f32 = table[tokens[m]]; table [vocab, hidden] bf16.
 pub fn embedding(
     gpu: &Gpu,
-    x: &mut CudaSlice<f32>,
-    table: &CudaSlice<u16>,
-    tokens: &CudaSlice<i32>,
+    x: &mut impl DevicePtrMut<f32>,
+    table: &impl DevicePtr<u16>,
+    tokens: &impl DevicePtr<i32>,
     m: usize,
     hidden: usize,
     vocab: usize,
@@ -25,19 +62,18 @@ pub fn embedding(
     fits(x, m * hidden, "embedding x")?;
     fits(table, vocab * hidden, "embedding table")?;
     fits(tokens, m, "embedding tokens")?;
+    let (mi, hi, vi) = (dim(m, "m")?, dim(hidden, "hidden")?, dim(vocab, "vocab")?);
     // SAFETY: lengths checked above; all pointers are live device buffers used on gpu.stream.
-    let code = unsafe {
-        ffi::bi_embedding(ptr_mut(gpu, x), ptr(gpu, table), ptr(gpu, tokens), m as i32, hidden as i32, vocab as i32, gpu.raw_stream())
-    };
+    let code = unsafe { ffi::bi_embedding(pm(gpu, x), p(gpu, table), p(gpu, tokens), mi, hi, vi, gpu.raw_stream()) };
     check(code, "bi_embedding")
 }
 
 /// out[m, hidden] bf16 = rmsnorm(x[m, hidden] f32) * weight[hidden].
 pub fn rmsnorm(
     gpu: &Gpu,
-    out: &mut CudaSlice<u16>,
-    x: &CudaSlice<f32>,
-    weight: &CudaSlice<u16>,
+    out: &mut impl DevicePtrMut<u16>,
+    x: &impl DevicePtr<f32>,
+    weight: &impl DevicePtr<u16>,
     m: usize,
     hidden: usize,
     eps: f32,
@@ -45,9 +81,169 @@ pub fn rmsnorm(
     fits(out, m * hidden, "rmsnorm out")?;
     fits(x, m * hidden, "rmsnorm x")?;
     fits(weight, hidden, "rmsnorm weight")?;
+    let (mi, hi) = (dim(m, "m")?, dim(hidden, "hidden")?);
+    // SAFETY: lengths checked above; all pointers are live device buffers used on gpu.stream.
+    let code = unsafe { ffi::bi_rmsnorm(pm(gpu, out), p(gpu, x), p(gpu, weight), mi, hi, eps, gpu.raw_stream()) };
+    check(code, "bi_rmsnorm")
+}
+
+fn linear_raw(gpu: &Gpu, out: *mut std::ffi::c_void, a: *const u16, w: *const u16, m: usize, n: usize, k: usize, epilogue: ffi::bi_epilogue) -> Result<()> {
+    let (mi, ni, ki) = (dim(m, "m")?, dim(n, "n")?, dim(k, "k")?);
+    // SAFETY: the callers checked every buffer against m, n and k; pointers are live device memory.
+    let code = unsafe { ffi::bi_linear(out, a, w, mi, ni, ki, epilogue, gpu.raw_stream()) };
+    check(code, "bi_linear")
+}
+
+/// out f32 [m, n] (= or +=) a[m, k] . w[n, k]^T on tensor cores.
+pub fn linear(
+    gpu: &Gpu,
+    out: &mut impl DevicePtrMut<f32>,
+    a: &impl DevicePtr<u16>,
+    w: &impl DevicePtr<u16>,
+    (m, n, k): (usize, usize, usize),
+    epilogue: Epilogue,
+) -> Result<()> {
+    fits(out, m * n, "linear out")?;
+    fits(a, m * k, "linear a")?;
+    fits(w, n * k, "linear w")?;
+    let kind = match epilogue {
+        Epilogue::Store => ffi::bi_epilogue_BI_EPILOGUE_STORE_F32,
+        Epilogue::AddResidual => ffi::bi_epilogue_BI_EPILOGUE_ADD_RESIDUAL,
+    };
+    linear_raw(gpu, pm(gpu, out).cast(), p(gpu, a), p(gpu, w), m, n, k, kind)
+}
+
+/// out bf16 [m, n/2] = silu(h . gate^T) * (h . up^T), with w [n, k] interleaving gate and up rows.
+pub fn linear_swiglu(
+    gpu: &Gpu,
+    out: &mut impl DevicePtrMut<u16>,
+    a: &impl DevicePtr<u16>,
+    w: &impl DevicePtr<u16>,
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    fits(out, m * n / 2, "swiglu out")?;
+    fits(a, m * k, "swiglu a")?;
+    fits(w, n * k, "swiglu w")?;
+    linear_raw(gpu, pm(gpu, out).cast(), p(gpu, a), p(gpu, w), m, n, k, ffi::bi_epilogue_BI_EPILOGUE_SWIGLU)
+}
+
+/// Row bookkeeping shared by the attention-side kernels: which sequence and position each row
+/// is, and the block tables of the sequences.
+pub struct Rows<'a, P: DevicePtr<i32>> {
+    pub positions: &'a P,    // [m]; negative: padding
+    pub row_seq: &'a P,      // [m]
+    pub block_tables: &'a P, // [seqs, max_blocks]
+    pub max_blocks: usize,
+    pub m: usize,
+}
+
+impl<P: DevicePtr<i32>> Rows<'_, P> {
+    fn check(&self) -> Result<()> {
+        fits(self.positions, self.m, "positions")?;
+        fits(self.row_seq, self.m, "row_seq")?;
+        ensure!(self.max_blocks > 0, "max_blocks must be positive");
+        fits(self.block_tables, self.max_blocks, "block_tables")
+    }
+}
+
+/// The KV cache of one layer: [blocks, 8, 16, 128] bf16 for K and for V.
+pub struct LayerCache<'a, C: DevicePtrMut<u16>> {
+    pub k: &'a mut C,
+    pub v: &'a mut C,
+}
+
+/// q_norm/k_norm + RoPE on qkv [m, 4096] f32 into q [m, 16, 128] bf16 and the paged cache.
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rope_cache<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
+    gpu: &Gpu,
+    q: &mut impl DevicePtrMut<u16>,
+    cache: LayerCache<'_, C>,
+    qkv: &impl DevicePtr<f32>,
+    q_norm: &impl DevicePtr<u16>,
+    k_norm: &impl DevicePtr<u16>,
+    rope_inv_freq: &impl DevicePtr<f32>,
+    rows: &Rows<'_, P>,
+    eps: f32,
+) -> Result<()> {
+    rows.check()?;
+    fits(q, rows.m * Q_WIDTH, "q")?;
+    fits(qkv, rows.m * QKV_WIDTH, "qkv")?;
+    fits(q_norm, HEAD_DIM, "q_norm")?;
+    fits(k_norm, HEAD_DIM, "k_norm")?;
+    fits(rope_inv_freq, HEAD_DIM / 2, "rope_inv_freq")?;
+    ensure!(cache.k.len() == cache.v.len() && cache.k.len() % (KV_WIDTH * BLOCK_TOKENS) == 0, "layer cache shape");
+    let (m, max_blocks) = (dim(rows.m, "m")?, dim(rows.max_blocks, "max_blocks")?);
+    // SAFETY: lengths checked above; block ids in the tables come from the host allocator, which
+    // hands out only blocks inside this cache; pointers are live device buffers on gpu.stream.
+    let code = unsafe {
+        ffi::bi_qk_norm_rope_cache(
+            pm(gpu, q), pm(gpu, cache.k), pm(gpu, cache.v), p(gpu, qkv), p(gpu, q_norm), p(gpu, k_norm),
+            p(gpu, rope_inv_freq), p(gpu, rows.positions), p(gpu, rows.row_seq), p(gpu, rows.block_tables),
+            m, max_blocks, eps, gpu.raw_stream(),
+        )
+    };
+    check(code, "bi_qk_norm_rope_cache")
+}
+
+/// Paged causal attention of q [m, 16, 128] into out [m, 2048] bf16, `splits` ranges per row.
+#[allow(clippy::too_many_arguments)]
+pub fn attention<P: DevicePtr<i32>>(
+    gpu: &Gpu,
+    out: &mut impl DevicePtrMut<u16>,
+    partials: &mut impl DevicePtrMut<f32>,
+    q: &impl DevicePtr<u16>,
+    k_cache: &impl DevicePtr<u16>,
+    v_cache: &impl DevicePtr<u16>,
+    rows: &Rows<'_, P>,
+    splits: usize,
+) -> Result<()> {
+    rows.check()?;
+    fits(out, rows.m * Q_WIDTH, "attention out")?;
+    fits(partials, rows.m * Q_HEADS * splits * PARTIAL_FLOATS, "attention partials")?;
+    fits(q, rows.m * Q_WIDTH, "attention q")?;
+    let (m, max_blocks, s) = (dim(rows.m, "m")?, dim(rows.max_blocks, "max_blocks")?, dim(splits, "splits")?);
+    // SAFETY: lengths checked above; block ids come from the host allocator; pointers are live.
+    let code = unsafe {
+        ffi::bi_attention(
+            pm(gpu, out), pm(gpu, partials), p(gpu, q), p(gpu, k_cache), p(gpu, v_cache), p(gpu, rows.positions),
+            p(gpu, rows.row_seq), p(gpu, rows.block_tables), m, max_blocks, s, gpu.raw_stream(),
+        )
+    };
+    check(code, "bi_attention")
+}
+
+/// The sampler's device state for `batch` rows.
+pub struct SampleState<'a, I: DevicePtrMut<i32>, U: DevicePtrMut<u32>> {
+    pub tokens: &'a mut I,    // [batch] out: the sampled token
+    pub positions: &'a mut I, // [batch] advanced by one; negative rows are skipped
+    pub steps: &'a mut U,     // [batch] advanced by one
+}
+
+/// Samples one token per row of logits [batch, vocab] f32 on the device.
+pub fn sample<I: DevicePtrMut<i32>, U: DevicePtrMut<u32>>(
+    gpu: &Gpu,
+    state: SampleState<'_, I, U>,
+    cand_values: &mut impl DevicePtrMut<f32>,
+    cand_ids: &mut impl DevicePtrMut<i32>,
+    logits: &impl DevicePtr<f32>,
+    params: &impl DevicePtr<SamplingParamsRaw>,
+    batch: usize,
+    vocab: usize,
+) -> Result<()> {
+    fits(state.tokens, batch, "sample tokens")?;
+    fits(state.positions, batch, "sample positions")?;
+    fits(state.steps, batch, "sample steps")?;
+    fits(cand_values, batch * SAMPLE_CHUNKS * MAX_TOP_K, "sample candidates")?;
+    fits(cand_ids, batch * SAMPLE_CHUNKS * MAX_TOP_K, "sample candidates")?;
+    fits(logits, batch * vocab, "sample logits")?;
+    fits(params, batch, "sample params")?;
+    let (b, v) = (dim(batch, "batch")?, dim(vocab, "vocab")?);
     // SAFETY: lengths checked above; all pointers are live device buffers used on gpu.stream.
     let code = unsafe {
-        ffi::bi_rmsnorm(ptr_mut(gpu, out), ptr(gpu, x), ptr(gpu, weight), m as i32, hidden as i32, eps, gpu.raw_stream())
+        ffi::bi_sample(
+            pm(gpu, state.tokens), pm(gpu, state.positions), pm(gpu, state.steps), pm(gpu, cand_values),
+            pm(gpu, cand_ids), p(gpu, logits), p(gpu, params), b, v, gpu.raw_stream(),
+        )
     };
-    check(code, "bi_rmsnorm")
+    check(code, "bi_sample")
 }

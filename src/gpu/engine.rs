@@ -1,0 +1,289 @@
+//! The GPU engine: weights, paged KV cache and static buffers allocated once; prompts prefilled
+//! in chunks; the whole decode step (embedding, 28 layers, final norm, LM head, sampling, and
+//! the sampled token fed back as the next input) captured into one CUDA graph and replayed.
+//!
+//! Everything that changes between steps lives on the device: the sampler writes the next
+//! token and advances the position and step of each sequence, so a step needs no host input.
+//! Per-sequence state set from the host (block tables, sampling parameters) is written when a
+//! sequence starts. Slots without a sequence carry position -1 and are skipped by the kernels.
+
+use anyhow::{ensure, Context, Result};
+use cudarc::driver::{sys, CudaGraph, CudaSlice};
+
+use super::forward::{Forward, StepBuffers};
+use super::kernels::{self, SampleState, SamplingParamsRaw, BLOCK_TOKENS, MAX_TOP_K, SAMPLE_CHUNKS};
+use super::kv_cache::{bytes_per_position, KvCache};
+use super::weights::DeviceWeights;
+use super::Gpu;
+use crate::config::ModelConfig;
+use crate::sampling::SamplingParams;
+use crate::weights::ModelWeights;
+
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Sequences decoded together (the graph's batch).
+    pub max_batch: usize,
+    /// KV cache size; None: enough for `max_batch` full contexts, within 90% of free memory.
+    pub kv_cache_bytes: Option<usize>,
+    /// Prompt tokens per prefill pass.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self { max_batch: 1, kv_cache_bytes: None, prefill_chunk: 2048 }
+    }
+}
+
+/// Attention splits for a decode batch: about two blocks per SM (132 on H100/H200) in all.
+fn decode_splits(batch: usize) -> usize {
+    (264usize.div_ceil(8 * batch)).clamp(1, 64)
+}
+
+pub struct Engine {
+    forward: Forward, // the GPU, config, weights and block tables [max_batch, max_blocks]
+    cache: KvCache,
+    decode: StepBuffers,          // rows = max_batch, row b = slot b
+    prefill: StepBuffers,         // rows = prefill_chunk
+    logits: CudaSlice<f32>,       // [max_batch, vocab]
+    params: CudaSlice<SamplingParamsRaw>, // [max_batch]
+    steps: CudaSlice<u32>,                // [max_batch]
+    cand_values: CudaSlice<f32>,          // [max_batch, 128, 64]
+    cand_ids: CudaSlice<i32>,             // [max_batch, 128, 64]
+    graph: Option<CudaGraph>,
+    slots: Vec<Option<Vec<u32>>>, // KV blocks held by each slot's sequence
+    context_limit: usize,
+}
+
+impl Engine {
+    pub fn new(gpu: Gpu, config: &ModelConfig, host_weights: &ModelWeights, options: &EngineOptions) -> Result<Self> {
+        ensure!(options.max_batch >= 1 && options.prefill_chunk >= 1, "batch and prefill chunk must be positive");
+        let weights = DeviceWeights::upload(&gpu, config, host_weights).context("uploading the weights")?;
+        let b = options.max_batch;
+        let decode = StepBuffers::new(&gpu, b, decode_splits(b))?;
+        let prefill = StepBuffers::new(&gpu, options.prefill_chunk, 1)?;
+        let logits = gpu.alloc(b * config.vocab)?;
+        let params = gpu.upload(&vec![raw_params(&SamplingParams::greedy(), 0); b])?;
+        let steps = gpu.alloc(b)?;
+        let cand_values = gpu.alloc(b * SAMPLE_CHUNKS * MAX_TOP_K)?;
+        let cand_ids = gpu.alloc(b * SAMPLE_CHUNKS * MAX_TOP_K)?;
+
+        let per_position = bytes_per_position(config.layers);
+        let cache_bytes = match options.kv_cache_bytes {
+            Some(bytes) => bytes,
+            None => {
+                let (free, _) = gpu.ctx.mem_get_info().context("reading free GPU memory")?;
+                (b * config.max_positions * per_position).min(free / 10 * 9)
+            }
+        };
+        let cache = KvCache::new(&gpu, config.layers, cache_bytes)?;
+        let context_limit = config.max_positions.min(cache.blocks() * BLOCK_TOKENS);
+        let max_blocks = context_limit.div_ceil(BLOCK_TOKENS);
+        let block_tables = gpu.alloc(b * max_blocks)?;
+        let forward = Forward { gpu, config: config.clone(), weights, block_tables, max_blocks };
+        let mut engine = Self {
+            forward,
+            cache,
+            decode,
+            prefill,
+            logits,
+            params,
+            steps,
+            cand_values,
+            cand_ids,
+            graph: None,
+            slots: vec![None; b],
+            context_limit,
+        };
+        let idle = vec![-1i32; b];
+        engine.forward.gpu.write(&mut engine.decode.positions, &idle)?;
+        let slot_rows: Vec<i32> = (0..b as i32).collect();
+        engine.forward.gpu.write(&mut engine.decode.row_seq, &slot_rows)?;
+        Ok(engine)
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.forward.gpu
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.forward.config
+    }
+
+    /// Most positions (prompt + generated) one sequence can hold.
+    pub fn context_limit(&self) -> usize {
+        self.context_limit
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    /// Weight bytes one decode step streams.
+    pub fn weight_bytes_per_step(&self) -> usize {
+        self.forward.weights.step_bytes
+    }
+
+    /// Starts a sequence in `slot`: KV blocks for `prompt.len() + max_new_tokens` positions,
+    /// the prompt prefilled, and its first token sampled on the device (the next step's input).
+    /// With `all_logits`, returns the logits of every prompt position [prompt, vocab].
+    pub fn start_sequence(
+        &mut self,
+        slot: usize,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        params: &SamplingParams,
+        sequence_id: u32,
+        all_logits: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        ensure!(slot < self.slots.len(), "slot {slot} outside the batch of {}", self.slots.len());
+        ensure!(!prompt.is_empty(), "the prompt is empty");
+        ensure!(
+            prompt.len() < self.context_limit,
+            "the prompt is {} tokens, which leaves no room in the context limit of {} tokens",
+            prompt.len(),
+            self.context_limit
+        );
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.forward.config.vocab) {
+            anyhow::bail!("token id {bad} is outside the vocabulary ({})", self.forward.config.vocab);
+        }
+        params.validate()?;
+        self.finish_sequence(slot)?;
+        let positions = (prompt.len() + max_new_tokens).min(self.context_limit);
+        let blocks = self.cache.allocate(positions)?;
+        let mut table: Vec<i32> = blocks.iter().map(|&b| b as i32).collect();
+        table.resize(self.forward.max_blocks, 0);
+        let mut row = self.forward.block_tables.slice_mut(slot * self.forward.max_blocks..(slot + 1) * self.forward.max_blocks);
+        self.forward.gpu.stream.memcpy_htod(&table, &mut row)?;
+        self.slots[slot] = Some(blocks);
+
+        let prompt_logits = self.prefill(slot, prompt, all_logits)?;
+        let v = self.forward.config.vocab;
+        self.forward.gpu.stream.memcpy_htod(&[raw_params(params, sequence_id)], &mut self.params.slice_mut(slot..slot + 1))?;
+        self.forward.gpu.stream.memcpy_htod(&[prompt.len() as i32 - 1], &mut self.decode.positions.slice_mut(slot..slot + 1))?;
+        self.forward.gpu.stream.memcpy_htod(&[0u32], &mut self.steps.slice_mut(slot..slot + 1))?;
+        let state = SampleState {
+            tokens: &mut self.decode.tokens.slice_mut(slot..slot + 1),
+            positions: &mut self.decode.positions.slice_mut(slot..slot + 1),
+            steps: &mut self.steps.slice_mut(slot..slot + 1),
+        };
+        let cand = slot * SAMPLE_CHUNKS * MAX_TOP_K..(slot + 1) * SAMPLE_CHUNKS * MAX_TOP_K;
+        kernels::sample(
+            &self.forward.gpu,
+            state,
+            &mut self.cand_values.slice_mut(cand.clone()),
+            &mut self.cand_ids.slice_mut(cand),
+            &self.logits.slice(slot * v..(slot + 1) * v),
+            &self.params.slice(slot..slot + 1),
+            1,
+            v,
+        )?;
+        Ok(prompt_logits)
+    }
+
+    /// Runs the prompt through every layer in chunks, writing its K/V; leaves the logits of its
+    /// last position in `self.logits[slot]`.
+    fn prefill(&mut self, slot: usize, prompt: &[u32], all_logits: bool) -> Result<Option<Vec<f32>>> {
+        let v = self.forward.config.vocab;
+        let chunk = self.prefill.rows;
+        let mut collected = all_logits.then(|| Vec::with_capacity(prompt.len() * v));
+        let mut chunk_logits = if all_logits { Some(self.forward.gpu.alloc::<f32>(chunk * v)?) } else { None };
+        for (index, tokens) in prompt.chunks(chunk).enumerate() {
+            let start = index * chunk;
+            let m = tokens.len();
+            let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+            let positions: Vec<i32> = (start..start + m).map(|p| p as i32).collect();
+            self.forward.gpu.write(&mut self.prefill.tokens, &ids)?;
+            self.forward.gpu.write(&mut self.prefill.positions, &positions)?;
+            self.forward.gpu.write(&mut self.prefill.row_seq, &vec![slot as i32; m])?;
+            self.forward.layers(&mut self.prefill, &mut self.cache, m)?;
+            if let (Some(all), Some(buffer)) = (collected.as_mut(), chunk_logits.as_mut()) {
+                self.forward.logits(&mut self.prefill, 0, m, buffer)?;
+                all.extend_from_slice(&self.forward.gpu.download(buffer)?[..m * v]);
+            }
+            if start + m == prompt.len() {
+                self.forward.logits(&mut self.prefill, m - 1, 1, &mut self.logits.slice_mut(slot * v..(slot + 1) * v))?;
+            }
+        }
+        Ok(collected)
+    }
+
+    /// Frees the KV blocks of the sequence in `slot` (if any); the slot idles until restarted.
+    pub fn finish_sequence(&mut self, slot: usize) -> Result<()> {
+        if let Some(blocks) = self.slots[slot].take() {
+            self.cache.release(blocks);
+        }
+        self.forward.gpu.stream.memcpy_htod(&[-1i32], &mut self.decode.positions.slice_mut(slot..slot + 1))?;
+        Ok(())
+    }
+
+    /// One decode step for every slot, launched kernel by kernel.
+    pub fn step_eager(&mut self) -> Result<()> {
+        let b = self.slots.len();
+        let v = self.forward.config.vocab;
+        self.forward.layers(&mut self.decode, &mut self.cache, b)?;
+        self.forward.logits(&mut self.decode, 0, b, &mut self.logits)?;
+        let state = SampleState { tokens: &mut self.decode.tokens, positions: &mut self.decode.positions, steps: &mut self.steps };
+        kernels::sample(&self.forward.gpu, state, &mut self.cand_values, &mut self.cand_ids, &self.logits, &self.params, b, v)
+    }
+
+    /// Captures one decode step into a CUDA graph; later `step` calls replay it. Returns the
+    /// number of kernel nodes in the graph.
+    pub fn capture(&mut self) -> Result<usize> {
+        self.graph = None;
+        self.forward.gpu.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+        let captured = self.step_eager();
+        let graph = self.forward.gpu.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        captured.context("capturing the decode step")?;
+        let graph = graph.context("instantiating the decode graph")?.context("the capture recorded nothing")?;
+        let nodes = graph_node_count(&graph)?;
+        self.graph = Some(graph);
+        Ok(nodes)
+    }
+
+    /// One decode step: the graph if captured, else kernel by kernel.
+    pub fn step(&mut self) -> Result<()> {
+        match &self.graph {
+            Some(graph) => graph.launch().context("launching the decode graph"),
+            None => self.step_eager(),
+        }
+    }
+
+    /// The next input token of each slot (what the last step sampled) [max_batch].
+    pub fn tokens(&self) -> &CudaSlice<i32> {
+        &self.decode.tokens
+    }
+
+    /// Overrides the next input tokens (teacher forcing).
+    pub fn set_tokens(&mut self, tokens: &[i32]) -> Result<()> {
+        self.forward.gpu.write(&mut self.decode.tokens, tokens)
+    }
+
+    /// Logits of the last step [max_batch, vocab].
+    pub fn logits(&self) -> &CudaSlice<f32> {
+        &self.logits
+    }
+}
+
+fn raw_params(params: &SamplingParams, sequence: u32) -> SamplingParamsRaw {
+    SamplingParamsRaw {
+        temperature: params.temperature,
+        top_k: params.top_k as i32,
+        top_p: params.top_p,
+        seed_lo: params.seed as u32,
+        seed_hi: (params.seed >> 32) as u32,
+        sequence,
+    }
+}
+
+fn graph_node_count(graph: &CudaGraph) -> Result<usize> {
+    let mut count = 0usize;
+    // SAFETY: a null node array asks only for the count, written to `count`; the graph is live.
+    let result = unsafe { sys::cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut count) };
+    ensure!(result == sys::CUresult::CUDA_SUCCESS, "cuGraphGetNodes: {result:?}");
+    Ok(count)
+}

@@ -1,0 +1,100 @@
+//! One forward pass over `m` token rows, as a sequence of kernel launches on the stream: the
+//! same code enqueues a prefill chunk (rows = prompt tokens) and a decode step (rows = one token
+//! per sequence), and is what the CUDA graph captures.
+
+use anyhow::Result;
+use cudarc::driver::{CudaSlice, DevicePtrMut};
+
+use super::kernels::{self, Epilogue, LayerCache, Rows, HIDDEN, INTERMEDIATE, PARTIAL_FLOATS, Q_HEADS, Q_WIDTH, QKV_WIDTH};
+use super::kv_cache::KvCache;
+use super::weights::DeviceWeights;
+use super::Gpu;
+use crate::config::ModelConfig;
+
+/// Device buffers for up to `rows` token rows. `tokens`, `positions` and `row_seq` are inputs
+/// written before a launch (or by the device sampler); the rest is scratch.
+pub struct StepBuffers {
+    pub rows: usize,
+    pub splits: usize,
+    pub tokens: CudaSlice<i32>,    // [rows]
+    pub positions: CudaSlice<i32>, // [rows]; negative: a padding row
+    pub row_seq: CudaSlice<i32>,   // [rows]: the block-table row of each token
+    x: CudaSlice<f32>,             // [rows, 1024] residual stream
+    h: CudaSlice<u16>,             // [rows, 1024] normalized activations
+    qkv: CudaSlice<f32>,           // [rows, 4096]
+    q: CudaSlice<u16>,             // [rows, 16, 128]
+    attn: CudaSlice<u16>,          // [rows, 2048]
+    act: CudaSlice<u16>,           // [rows, 3072] SwiGLU output
+    partials: CudaSlice<f32>,      // [rows, 16, splits, 130]
+}
+
+impl StepBuffers {
+    pub fn new(gpu: &Gpu, rows: usize, splits: usize) -> Result<Self> {
+        Ok(Self {
+            rows,
+            splits,
+            tokens: gpu.alloc(rows)?,
+            positions: gpu.alloc(rows)?,
+            row_seq: gpu.alloc(rows)?,
+            x: gpu.alloc(rows * HIDDEN)?,
+            h: gpu.alloc(rows * HIDDEN)?,
+            qkv: gpu.alloc(rows * QKV_WIDTH)?,
+            q: gpu.alloc(rows * Q_WIDTH)?,
+            attn: gpu.alloc(rows * Q_WIDTH)?,
+            act: gpu.alloc(rows * INTERMEDIATE)?,
+            partials: gpu.alloc(rows * Q_HEADS * splits * PARTIAL_FLOATS)?,
+        })
+    }
+}
+
+/// What a forward pass reads besides its own buffers and the KV cache.
+pub struct Forward {
+    pub gpu: Gpu,
+    pub config: ModelConfig,
+    pub weights: DeviceWeights,
+    pub block_tables: CudaSlice<i32>, // [sequences, max_blocks]
+    pub max_blocks: usize,
+}
+
+impl Forward {
+    /// Embedding and every layer for the first `m` rows; K/V of the rows go into `cache`, and
+    /// `bufs.x` ends holding the final residual stream.
+    pub fn layers(&self, bufs: &mut StepBuffers, cache: &mut KvCache, m: usize) -> Result<()> {
+        let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
+        anyhow::ensure!(m <= bufs.rows, "{m} rows for buffers of {}", bufs.rows);
+        kernels::embedding(gpu, &mut bufs.x, &w.embed, &bufs.tokens, m, HIDDEN, c.vocab)?;
+        for (i, layer) in w.layers.iter().enumerate() {
+            let rows = Rows {
+                positions: &bufs.positions,
+                row_seq: &bufs.row_seq,
+                block_tables: &self.block_tables,
+                max_blocks: self.max_blocks,
+                m,
+            };
+            kernels::rmsnorm(gpu, &mut bufs.h, &bufs.x, &layer.input_norm, m, HIDDEN, c.rms_eps)?;
+            kernels::linear(gpu, &mut bufs.qkv, &bufs.h, &layer.qkv, (m, QKV_WIDTH, HIDDEN), Epilogue::Store)?;
+            {
+                let (mut k, mut v) = cache.layer_mut(i);
+                let layer_cache = LayerCache { k: &mut k, v: &mut v };
+                kernels::qk_norm_rope_cache(
+                    gpu, &mut bufs.q, layer_cache, &bufs.qkv, &layer.q_norm, &layer.k_norm, &w.rope_inv_freq, &rows, c.rms_eps,
+                )?;
+            }
+            let (k, v) = cache.layer(i);
+            kernels::attention(gpu, &mut bufs.attn, &mut bufs.partials, &bufs.q, &k, &v, &rows, bufs.splits)?;
+            kernels::linear(gpu, &mut bufs.x, &bufs.attn, &layer.o, (m, HIDDEN, Q_WIDTH), Epilogue::AddResidual)?;
+            kernels::rmsnorm(gpu, &mut bufs.h, &bufs.x, &layer.post_norm, m, HIDDEN, c.rms_eps)?;
+            kernels::linear_swiglu(gpu, &mut bufs.act, &bufs.h, &layer.gate_up, (m, 2 * INTERMEDIATE, HIDDEN))?;
+            kernels::linear(gpu, &mut bufs.x, &bufs.act, &layer.down, (m, HIDDEN, INTERMEDIATE), Epilogue::AddResidual)?;
+        }
+        Ok(())
+    }
+
+    /// Final norm and LM head for rows `first..first + m` of `bufs.x` into logits [m, vocab].
+    pub fn logits(&self, bufs: &mut StepBuffers, first: usize, m: usize, logits: &mut impl DevicePtrMut<f32>) -> Result<()> {
+        let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
+        let x_rows = bufs.x.slice(first * HIDDEN..(first + m) * HIDDEN);
+        kernels::rmsnorm(gpu, &mut bufs.h, &x_rows, &w.final_norm, m, HIDDEN, c.rms_eps)?;
+        kernels::linear(gpu, logits, &bufs.h, w.lm_head(), (m, c.vocab, HIDDEN), Epilogue::Store)
+    }
+}
