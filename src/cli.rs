@@ -8,6 +8,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::config::ModelConfig;
 use crate::generate::{check_prompt_fits, generate, CpuDecoder, Decoder, GenerationStats};
+use crate::gpu::{Engine, EngineOptions, Gpu, GpuDecoder};
 use crate::model::Model;
 use crate::model_source::{default_tokenizer_dir, resolve_model};
 use crate::reference::CpuModel;
@@ -27,8 +28,9 @@ Examples:
   braidinfer --synthetic --prompt \"Hi\" --stats              (random weights, real speed)
   braidinfer --synthetic --save-synthetic ./synthetic-qwen3  (write that model for transformers)
 
-Backends: --backend cpu runs the f32 CPU reference (slow; the correctness oracle). The CUDA
-path is being built (see the README); until it lands, every backend runs the CPU reference.";
+Backends: the GPU by default (--backend auto falls back to the f32 CPU reference, slowly, when
+no CUDA GPU is usable, and says so); --backend gpu insists on the GPU; --backend cpu runs the
+CPU reference, the correctness oracle.";
 
 #[derive(Parser, Debug)]
 #[command(name = "braidinfer", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -96,12 +98,19 @@ pub struct Args {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
+
+    /// GPU memory for the KV cache, in GB. Default: enough for a full context, within 90% of
+    /// the free memory.
+    #[arg(long, value_name = "GB")]
+    pub kv_cache_gb: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
     /// The GPU when one is usable, else the CPU reference.
     Auto,
+    /// The CUDA engine; an error when no GPU is usable.
+    Gpu,
     /// The f32 CPU reference forward pass.
     Cpu,
 }
@@ -120,6 +129,9 @@ fn validate(args: &Args) -> Result<Validated> {
     }
     if let Some(p) = args.top_p {
         ensure!(p > 0.0 && p <= 1.0, "--top-p must be in (0, 1], got {p}");
+    }
+    if let Some(gb) = args.kv_cache_gb {
+        ensure!(gb.is_finite() && gb > 0.0, "--kv-cache-gb must be positive, got {gb}");
     }
     if let Some(k) = args.top_k {
         ensure!((1..=MAX_TOP_K).contains(&k), "--top-k must be between 1 and {MAX_TOP_K}, got {k}");
@@ -170,14 +182,45 @@ pub fn run(args: Args) -> Result<()> {
     let prompt_text = validated.prompt.expect("validated: a prompt unless saving");
     let prompt = prompt_ids(&model, &prompt_text, args.raw, args.no_think)?;
 
-    let cpu = CpuModel::new(&model.config, &model.weights);
-    let mut decoder = CpuDecoder::new(&cpu, params);
-    check_prompt_fits(prompt.len(), decoder.context_limit())?;
-    let stats = stream_answer(&model, &mut decoder, &prompt, validated.max_tokens)?;
+    let (label, stats) = match open_gpu(args.backend)? {
+        Some(gpu) => {
+            let label = gpu.name();
+            let options = EngineOptions {
+                kv_cache_bytes: args.kv_cache_gb.map(|gb| (gb * 1e9) as usize),
+                ..EngineOptions::default()
+            };
+            let mut engine = Engine::new(gpu, &model.config, &model.weights, &options)?;
+            engine.capture()?;
+            let mut decoder = GpuDecoder::new(engine, params, validated.max_tokens)?;
+            check_prompt_fits(prompt.len(), decoder.context_limit())?;
+            (label, stream_answer(&model, &mut decoder, &prompt, validated.max_tokens)?)
+        }
+        None => {
+            let cpu = CpuModel::new(&model.config, &model.weights);
+            let mut decoder = CpuDecoder::new(&cpu, params);
+            check_prompt_fits(prompt.len(), decoder.context_limit())?;
+            ("CPU reference".to_string(), stream_answer(&model, &mut decoder, &prompt, validated.max_tokens)?)
+        }
+    };
     if args.stats {
-        print_stats(&stats, "CPU reference");
+        print_stats(&stats, &label);
     }
     Ok(())
+}
+
+/// The GPU the backend asks for; None means the CPU reference.
+fn open_gpu(backend: Backend) -> Result<Option<Gpu>> {
+    match backend {
+        Backend::Cpu => Ok(None),
+        Backend::Gpu => Gpu::open().map(Some).context("--backend gpu"),
+        Backend::Auto => match Gpu::open() {
+            Ok(gpu) => Ok(Some(gpu)),
+            Err(e) => {
+                eprintln!("note: {e:#}; running the CPU reference (slow). Use --backend cpu to silence this.");
+                Ok(None)
+            }
+        },
+    }
 }
 
 fn prompt_ids(model: &Model, prompt: &str, raw: bool, no_think: bool) -> Result<Vec<u32>> {

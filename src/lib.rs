@@ -4,6 +4,7 @@
 //! Data flow: prompt -> chat template -> token ids -> prefill -> decode steps -> sampled ids ->
 //! streaming detokenization. `reference` is the f32 CPU oracle every kernel is tested against.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod generate;

@@ -149,9 +149,9 @@ pub fn rope(head: &mut [f32], position: usize, theta: f64) {
     }
 }
 
-/// Causal attention of one query over all cached positions; GQA maps query head h to kv head
+/// Attention of one query over all cached positions [positions, kv_heads * head_dim]; GQA maps query head h to kv head
 /// h / (q_heads / kv_heads). Returns [q_heads * head_dim].
-fn attention(c: &ModelConfig, q: &[f32], keys: &[f32], values: &[f32]) -> Vec<f32> {
+pub fn attention(c: &ModelConfig, q: &[f32], keys: &[f32], values: &[f32]) -> Vec<f32> {
     let (d, kvw) = (c.head_dim, c.kv_width());
     let positions = keys.len() / kvw;
     let group = c.q_heads / c.kv_heads;

@@ -235,6 +235,9 @@ impl Engine {
     /// number of kernel nodes in the graph.
     pub fn capture(&mut self) -> Result<usize> {
         self.graph = None;
+        // Once eagerly first: modules load lazily, which must not happen inside a capture.
+        self.step_eager()?;
+        self.forward.gpu.synchronize()?;
         self.forward.gpu.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
         let captured = self.step_eager();
         let graph = self.forward.gpu.stream.end_capture(sys::CUgraphInstantiate_flags(0));
@@ -261,6 +264,11 @@ impl Engine {
     /// Overrides the next input tokens (teacher forcing).
     pub fn set_tokens(&mut self, tokens: &[i32]) -> Result<()> {
         self.forward.gpu.write(&mut self.decode.tokens, tokens)
+    }
+
+    /// Overrides the positions of the next input tokens (benchmarks hold the context fixed).
+    pub fn set_positions(&mut self, positions: &[i32]) -> Result<()> {
+        self.forward.gpu.write(&mut self.decode.positions, positions)
     }
 
     /// Logits of the last step [max_batch, vocab].

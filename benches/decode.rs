@@ -1,0 +1,113 @@
+//! Batch-1 decode and prefill of Qwen3-0.6B (synthetic weights, real shapes) on the GPU.
+//!
+//! For each context: median step time over graph replays (CUDA events; the position is reset
+//! before each replay so the context stays fixed), tok/s, bytes moved per step (weights + KV
+//! read + KV written), achieved bandwidth and its fraction of the device-to-device copy
+//! bandwidth measured in the same run. Then the prefill rate of a 2,000-token prompt.
+//!
+//!     cargo bench --bench decode -- [--contexts 128,1024,4096] [--runs 200] [--json PATH]
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Parser;
+
+use braidinfer::bench::{copy_bandwidth, median, Timer};
+use braidinfer::config::ModelConfig;
+use braidinfer::gpu::kv_cache::bytes_per_position;
+use braidinfer::gpu::{Engine, EngineOptions, Gpu};
+use braidinfer::rng::SplitMix64;
+use braidinfer::sampling::SamplingParams;
+use braidinfer::synthetic::synthetic_weights;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, value_delimiter = ',', default_value = "128,1024,4096")]
+    contexts: Vec<usize>,
+    #[arg(long, default_value_t = 200)]
+    runs: usize,
+    #[arg(long, default_value_t = 2000)]
+    prefill_tokens: usize,
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Ignored: cargo bench passes it.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let gpu = match Gpu::open() {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            println!("SKIPPED decode benchmark: no GPU ({e:#})");
+            return Ok(());
+        }
+    };
+    let device = gpu.name();
+    let copy = copy_bandwidth(&gpu)?;
+    let config = ModelConfig::qwen3_0_6b();
+    let weights = synthetic_weights(&config, 0);
+    let longest = args.contexts.iter().copied().max().unwrap_or(0).max(args.prefill_tokens) + 16;
+    let options = EngineOptions { kv_cache_bytes: Some(longest * bytes_per_position(config.layers)), ..Default::default() };
+    let mut engine = Engine::new(gpu, &config, &weights, &options)?;
+    let nodes = engine.capture()?;
+    let weight_bytes = engine.weight_bytes_per_step() as f64;
+    let mut rng = SplitMix64::new(1);
+    let mut prompt = |len: usize| -> Vec<u32> { (0..len).map(|_| (rng.next_u64() % 151_000) as u32).collect() };
+
+    let mut rows = Vec::new();
+    for &context in &args.contexts {
+        engine.start_sequence(0, &prompt(context), 8, &SamplingParams::greedy(), 0, false)?;
+        let position = [context as i32];
+        let timer = Timer::new(engine.gpu())?;
+        let ms = timer.median_ms(20, args.runs, &mut engine, |e| e.set_positions(&position), |e| e.step())?;
+        let kv_read = (context + 1) as f64 * bytes_per_position(config.layers) as f64;
+        let kv_written = bytes_per_position(config.layers) as f64;
+        let bytes = weight_bytes + kv_read + kv_written;
+        let bandwidth = bytes / (ms * 1e-3);
+        rows.push(serde_json::json!({
+            "context": context, "step_ms": ms, "tokens_per_s": 1e3 / ms, "bytes_per_step": bytes,
+            "bandwidth_gb_s": bandwidth / 1e9, "fraction_of_copy": bandwidth / copy,
+        }));
+    }
+
+    let prefill_prompt = prompt(args.prefill_tokens);
+    let mut prefill_times = Vec::new();
+    for _ in 0..5 {
+        engine.gpu().synchronize()?;
+        let started = Instant::now();
+        engine.start_sequence(0, &prefill_prompt, 1, &SamplingParams::greedy(), 0, false)?;
+        engine.gpu().synchronize()?;
+        prefill_times.push(started.elapsed().as_secs_f64());
+    }
+    let prefill_s = median(&mut prefill_times);
+
+    println!("device: {device}; copy bandwidth {:.0} GB/s (read + write); decode graph {nodes} kernel nodes", copy / 1e9);
+    println!("weights streamed per step: {:.1} MB", weight_bytes / 1e6);
+    println!("{:>8} {:>10} {:>10} {:>12} {:>10} {:>8}", "context", "step ms", "tok/s", "MB/step", "GB/s", "of copy");
+    for r in &rows {
+        println!(
+            "{:>8} {:>10.4} {:>10.1} {:>12.1} {:>10.0} {:>7.1}%",
+            r["context"], r["step_ms"].as_f64().unwrap(), r["tokens_per_s"].as_f64().unwrap(),
+            r["bytes_per_step"].as_f64().unwrap() / 1e6, r["bandwidth_gb_s"].as_f64().unwrap(),
+            100.0 * r["fraction_of_copy"].as_f64().unwrap()
+        );
+    }
+    println!("prefill: {} tokens in {:.1} ms = {:.0} tok/s (median of 5, wall clock)", args.prefill_tokens, prefill_s * 1e3, args.prefill_tokens as f64 / prefill_s);
+    if let Some(path) = args.json {
+        let report = serde_json::json!({
+            "device": device, "copy_bandwidth_gb_s": copy / 1e9, "graph_kernel_nodes": nodes,
+            "weight_bytes_per_step": weight_bytes, "decode": rows,
+            "prefill": {"tokens": args.prefill_tokens, "seconds": prefill_s, "tokens_per_s": args.prefill_tokens as f64 / prefill_s},
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One GPU-machine session over the bundle (run from the repository root with dist/ carried):
+# the GPU tests, the transformers parity check, the decode benchmark and a CLI run, each logged
+# under $OUT, with a short summary last. Usage: scripts/device-run.sh [tests|parity|bench|cli]...
+set -uo pipefail
+out=${OUT:-/tmp/braidinfer-out}
+mkdir -p "$out"
+steps=${*:-tests parity bench cli}
+summary=()
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee "$out/device.txt"
+for step in $steps; do
+    echo "=== $step"
+    case $step in
+        tests) dist/gpu-test.sh 2>&1 | tee "$out/tests.txt" | grep -v '^test .* ok$'
+               summary+=("$(tail -n 1 "$out/tests.txt")") ;;
+        parity) PYTHONUNBUFFERED=1 python3 scripts/parity.py --bundle dist --json "$out/parity.json" >"$out/parity.log" 2>&1
+                tail -n 8 "$out/parity.log"; summary+=("$(tail -n 1 "$out/parity.log")") ;;
+        bench) dist/benches/decode --json "$out/decode.json" 2>&1 | tee "$out/decode.txt"
+               summary+=("$(grep -E '^ +1024 ' "$out/decode.txt" | sed 's/^/decode ctx /')") ;;
+        cli) dist/braidinfer --synthetic --prompt "Write a haiku about GPUs." --max-tokens 48 --stats 2>&1 | tee "$out/cli.txt"
+             summary+=("$(tail -n 1 "$out/cli.txt")") ;;
+    esac
+done
+echo "=== summary"
+printf '%s\n' "${summary[@]}"

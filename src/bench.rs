@@ -1,0 +1,67 @@
+//! Measurement helpers shared by the benchmarks: the device-to-device copy bandwidth of the same
+//! run (the ceiling every figure is reported against) and CUDA-event timing with medians.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
+
+use crate::gpu::Gpu;
+
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// Times work on a GPU stream with CUDA events.
+pub struct Timer {
+    start: CudaEvent,
+    end: CudaEvent,
+    stream: Arc<CudaStream>,
+}
+
+impl Timer {
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let event = |ctx: &Arc<CudaContext>| ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).context("creating a CUDA event");
+        Ok(Self { start: event(&gpu.ctx)?, end: event(&gpu.ctx)?, stream: gpu.stream.clone() })
+    }
+
+    /// Median milliseconds of `op(state)` over `runs` runs after `warmup`, each between two
+    /// events; `prepare(state)` runs before each, outside the events.
+    pub fn median_ms<S>(
+        &self,
+        warmup: usize,
+        runs: usize,
+        state: &mut S,
+        mut prepare: impl FnMut(&mut S) -> Result<()>,
+        mut op: impl FnMut(&mut S) -> Result<()>,
+    ) -> Result<f64> {
+        for _ in 0..warmup {
+            prepare(state)?;
+            op(state)?;
+        }
+        let mut times = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            prepare(state)?;
+            self.start.record(&self.stream)?;
+            op(state)?;
+            self.end.record(&self.stream)?;
+            times.push(self.start.elapsed_ms(&self.end)? as f64);
+        }
+        Ok(median(&mut times))
+    }
+}
+
+/// Device-to-device copy bandwidth in bytes per second, counting bytes read plus written.
+pub fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
+    const BYTES: usize = 1 << 30;
+    let src = gpu.alloc::<u8>(BYTES)?;
+    let mut dst = gpu.alloc::<u8>(BYTES)?;
+    let ms = Timer::new(gpu)?.median_ms(3, 20, &mut dst, |_| Ok(()), |dst| gpu.stream.memcpy_dtod(&src, dst).context("copying"))?;
+    Ok(2.0 * BYTES as f64 / (ms * 1e-3))
+}

@@ -1,0 +1,167 @@
+//! The GPU engine end to end on a synthetic model with the real per-layer shapes (2 layers):
+//! logits against the CPU reference, graph replay against kernel-by-kernel launches, a long
+//! generation, and the context and KV-capacity limits.
+
+mod common;
+
+use braidinfer::config::ModelConfig;
+use braidinfer::gpu::{Engine, EngineOptions, Gpu};
+use braidinfer::reference::CpuModel;
+use braidinfer::rng::SplitMix64;
+use braidinfer::sampling::{argmax, top_k, SamplingParams};
+use braidinfer::synthetic::synthetic_weights;
+use braidinfer::weights::ModelWeights;
+
+fn small_real_config() -> ModelConfig {
+    ModelConfig { layers: 2, ..ModelConfig::qwen3_0_6b() }
+}
+
+fn engine(gpu: Gpu, config: &ModelConfig, weights: &ModelWeights, options: EngineOptions) -> Engine {
+    Engine::new(gpu, config, weights, &options).expect("building the engine")
+}
+
+fn random_prompt(rng: &mut SplitMix64, len: usize, vocab: usize) -> Vec<u32> {
+    (0..len).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()
+}
+
+fn fresh_seed(test: &str) -> SplitMix64 {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("{test}: seed {seed}");
+    SplitMix64::new(seed)
+}
+
+/// True when the reference's two best logits are too close for bf16 math to order reliably.
+fn near_tie(logits: &[f32]) -> bool {
+    let best = top_k(logits, 2);
+    best[0].1 - best[1].1 < 0.05
+}
+
+#[test]
+fn gpu_engine_matches_the_cpu_reference() {
+    let Some(gpu) = common::gpu_or_skip("gpu_engine_matches_the_cpu_reference") else { return };
+    let mut rng = fresh_seed("gpu_engine_matches_the_cpu_reference");
+    let config = small_real_config();
+    let weights = synthetic_weights(&config, rng.next_u64());
+    let cpu = CpuModel::new(&config, &weights);
+    let mut engine = engine(gpu, &config, &weights, EngineOptions { prefill_chunk: 32, ..Default::default() });
+    let prompt = random_prompt(&mut rng, 70, config.vocab); // three prefill chunks
+    let prompt_logits = engine
+        .start_sequence(0, &prompt, 40, &SamplingParams::greedy(), 0, true)
+        .unwrap()
+        .unwrap();
+    let mut cache = cpu.new_cache();
+    let mut worst: f64 = 0.0;
+    let mut reference = Vec::new();
+    for (i, &token) in prompt.iter().enumerate() {
+        reference = cpu.forward(token, &mut cache).unwrap();
+        let ours = &prompt_logits[i * config.vocab..(i + 1) * config.vocab];
+        common::assert_all_finite(ours, "prefill logits");
+        worst = worst.max(common::rel_l2(ours, &reference));
+    }
+    let mut mismatches = 0;
+    for step in 0..30 {
+        let token = engine.gpu().download(engine.tokens()).unwrap()[0] as u32;
+        if !near_tie(&reference) {
+            assert_eq!(token, argmax(&reference), "step {step}: greedy token differs from the reference's argmax");
+        } else if token != argmax(&reference) {
+            mismatches += 1;
+        }
+        engine.step_eager().unwrap();
+        let ours = engine.gpu().download(engine.logits()).unwrap();
+        reference = cpu.forward(token, &mut cache).unwrap();
+        worst = worst.max(common::rel_l2(&ours, &reference));
+    }
+    eprintln!("worst relative L2 error of logits: {worst:.2e}; near-tie mismatches: {mismatches}");
+    // bf16 weights are exact in both; the GPU rounds activations to bf16 between kernels.
+    assert!(worst < 2e-2, "relative L2 error of logits {worst:.2e}");
+}
+
+#[test]
+fn gpu_graph_replay_is_bit_identical_to_eager_launches() {
+    let Some(gpu) = common::gpu_or_skip("gpu_graph_replay_is_bit_identical_to_eager_launches") else { return };
+    let mut rng = fresh_seed("gpu_graph_replay");
+    let config = small_real_config();
+    let weights = synthetic_weights(&config, 11);
+    let mut engine = engine(gpu, &config, &weights, EngineOptions::default());
+    let prompt = random_prompt(&mut rng, 50, config.vocab);
+    let params = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.9, seed: 5 };
+    let run = |engine: &mut Engine, graph: bool| -> Vec<Vec<f32>> {
+        engine.start_sequence(0, &prompt, 64, &params, 0, false).unwrap();
+        (0..24)
+            .map(|_| {
+                if graph { engine.step().unwrap() } else { engine.step_eager().unwrap() }
+                engine.gpu().download(engine.logits()).unwrap()
+            })
+            .collect()
+    };
+    let eager = run(&mut engine, false);
+    let nodes = engine.capture().unwrap();
+    eprintln!("decode graph: {nodes} kernel nodes");
+    let replayed = run(&mut engine, true);
+    for (step, (a, b)) in eager.iter().zip(&replayed).enumerate() {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "step {step}: graph logits differ from eager");
+    }
+}
+
+#[test]
+fn gpu_long_generation_stays_finite_without_memory_growth() {
+    let Some(gpu) = common::gpu_or_skip("gpu_long_generation_stays_finite_without_memory_growth") else { return };
+    let mut rng = fresh_seed("gpu_long_generation");
+    let config = small_real_config();
+    let weights = synthetic_weights(&config, 3);
+    let ctx = gpu.ctx.clone();
+    let mut engine = engine(gpu, &config, &weights, EngineOptions::default());
+    engine.capture().unwrap();
+    let prompt = random_prompt(&mut rng, 20, config.vocab);
+    let params = SamplingParams { temperature: 1.0, top_k: 64, top_p: 1.0, seed: 9 };
+    engine.start_sequence(0, &prompt, 1000, &params, 0, false).unwrap();
+    engine.gpu().synchronize().unwrap();
+    let free_before = ctx.mem_get_info().unwrap().0;
+    for step in 1..1000 {
+        engine.step().unwrap();
+        if step % 100 == 0 {
+            let logits = engine.gpu().download(engine.logits()).unwrap();
+            common::assert_all_finite(&logits[..config.vocab], "logits");
+            let token = engine.gpu().download(engine.tokens()).unwrap()[0];
+            assert!((0..config.vocab as i32).contains(&token), "step {step}: token {token}");
+        }
+    }
+    engine.gpu().synchronize().unwrap();
+    assert_eq!(ctx.mem_get_info().unwrap().0, free_before, "GPU memory changed during decoding");
+}
+
+#[test]
+fn gpu_context_and_capacity_limits_are_clear_errors() {
+    let Some(gpu) = common::gpu_or_skip("gpu_context_and_capacity_limits_are_clear_errors") else { return };
+    let mut rng = fresh_seed("gpu_limits");
+    let config = small_real_config();
+    let weights = synthetic_weights(&config, 5);
+    let per_position = braidinfer::gpu::kv_cache::bytes_per_position(config.layers);
+    let options = EngineOptions { max_batch: 2, kv_cache_bytes: Some(256 * per_position), prefill_chunk: 128 };
+    let mut engine = engine(gpu, &config, &weights, options);
+    engine.capture().unwrap();
+    assert_eq!(engine.context_limit(), 256);
+    let greedy = SamplingParams::greedy();
+
+    // A prompt near the limit works and decodes up to it.
+    let near = random_prompt(&mut rng, 250, config.vocab);
+    engine.start_sequence(0, &near, 6, &greedy, 0, false).unwrap();
+    for _ in 0..5 {
+        engine.step().unwrap();
+    }
+    let logits = engine.gpu().download(engine.logits()).unwrap();
+    common::assert_all_finite(&logits[..config.vocab], "logits at the context limit");
+
+    // Over the limit: refused, with the numbers.
+    let err = format!("{:#}", engine.start_sequence(1, &random_prompt(&mut rng, 256, config.vocab), 1, &greedy, 1, false).unwrap_err());
+    assert!(err.contains("context limit of 256"), "{err}");
+
+    // More than the cache holds: slot 0 keeps its 256 positions, so slot 1 cannot get 100.
+    let err = format!("{:#}", engine.start_sequence(1, &random_prompt(&mut rng, 90, config.vocab), 10, &greedy, 1, false).unwrap_err());
+    assert!(err.contains("KV cache cannot hold"), "{err}");
+    engine.finish_sequence(0).unwrap();
+    engine.start_sequence(1, &random_prompt(&mut rng, 90, config.vocab), 10, &greedy, 1, false).unwrap();
+
+    let err = format!("{:#}", engine.start_sequence(0, &[config.vocab as u32], 1, &greedy, 0, false).unwrap_err());
+    assert!(err.contains("outside the vocabulary"), "{err}");
+}
