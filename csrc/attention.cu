@@ -53,6 +53,8 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
     const int kv_head = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const int part = lane % kParts, token_lane = lane / kParts;
+    bi::allow_next_kernel();
+    bi::wait_for_previous_kernel();
     const int pos = positions[row];
     if (pos < 0) return;  // padding row: combine_kernel writes its zeros
     const int kv_len = pos + 1;
@@ -149,6 +151,8 @@ __global__ void __launch_bounds__(BI_HEAD_DIM)
                    int splits) {
     const int row = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
     bi_bf16 *dst = out + (static_cast<size_t>(row) * BI_Q_HEADS + head) * BI_HEAD_DIM + d;
+    bi::allow_next_kernel();
+    bi::wait_for_previous_kernel();
     if (positions[row] < 0) {
         *dst = 0;
         return;
@@ -174,10 +178,8 @@ extern "C" cudaError_t bi_attention(bi_bf16 *out, float *partials, const bi_bf16
                                     const int32_t *block_tables, int m, int max_blocks, int splits,
                                     cudaStream_t stream) {
     if (m <= 0 || max_blocks <= 0 || splits <= 0 || splits > 65535) return cudaErrorInvalidValue;
-    split_kernel<<<dim3(BI_KV_HEADS, m, splits), kWarps * bi::kWarp, 0, stream>>>(partials, q, k_cache, v_cache, positions,
-                                                                                   row_seq, block_tables, max_blocks);
-    cudaError_t e = bi::launch_status();
+    const cudaError_t e = bi::launch(split_kernel, dim3(BI_KV_HEADS, m, splits), dim3(kWarps * bi::kWarp), 0, stream,
+                                     partials, q, k_cache, v_cache, positions, row_seq, block_tables, max_blocks);
     if (e != cudaSuccess) return e;
-    combine_kernel<<<dim3(m, BI_Q_HEADS), BI_HEAD_DIM, 0, stream>>>(out, partials, positions, splits);
-    return bi::launch_status();
+    return bi::launch(combine_kernel, dim3(m, BI_Q_HEADS), dim3(BI_HEAD_DIM), 0, stream, out, partials, positions, splits);
 }

@@ -42,7 +42,38 @@ __device__ __forceinline__ float block_sum(float value, float *scratch) {
     return warp_sum(value);
 }
 
-// The error of the launch just made (configuration errors), without synchronizing.
-inline cudaError_t launch_status() { return cudaGetLastError(); }
+// Programmatic dependent launch (sm_90): every kernel is launched allowed to start before the
+// previous kernel on the stream finishes. A kernel signals at its start that the next may
+// launch, does work that needs no earlier result (weight loads), then waits for the previous
+// kernel to complete before touching anything it wrote. Every block waits before it exits, so
+// completion stays transitive along the stream.
+__device__ __forceinline__ void allow_next_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Launches `kernel` with programmatic stream serialization and returns the launch error.
+template <typename... Params, typename... Args>
+inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args... args) {
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
 
 }  // namespace bi

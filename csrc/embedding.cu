@@ -9,6 +9,8 @@ constexpr int kThreads = 256;
 __global__ void embedding_kernel(float *__restrict__ x, const bi_bf16 *__restrict__ table,
                                  const int32_t *__restrict__ tokens, int hidden, int vocab) {
     const int row = blockIdx.x;
+    bi::allow_next_kernel();
+    bi::wait_for_previous_kernel();
     const int token = tokens[row];
     const bool valid = token >= 0 && token < vocab;
     const bi_bf16 *src = table + static_cast<size_t>(valid ? token : 0) * hidden;
@@ -22,6 +24,5 @@ __global__ void embedding_kernel(float *__restrict__ x, const bi_bf16 *__restric
 extern "C" cudaError_t bi_embedding(float *x, const bi_bf16 *table, const int32_t *tokens,
                                     int m, int hidden, int vocab, cudaStream_t stream) {
     if (m <= 0 || hidden <= 0 || vocab <= 0) return cudaErrorInvalidValue;
-    embedding_kernel<<<m, kThreads, 0, stream>>>(x, table, tokens, hidden, vocab);
-    return bi::launch_status();
+    return bi::launch(embedding_kernel, dim3(m), dim3(kThreads), 0, stream, x, table, tokens, hidden, vocab);
 }

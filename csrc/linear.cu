@@ -68,6 +68,7 @@ __global__ void __launch_bounds__(kSkinnyWarps * bi::kWarp)
     const int k_warp = k / kSkinnyWarps;
     const int k_begin = warp * k_warp + 8 * q;
 
+    bi::allow_next_kernel();
     float acc[MT][TN][4] = {};
     const bi_bf16 *w_rows[TN];
 #pragma unroll
@@ -80,6 +81,9 @@ __global__ void __launch_bounds__(kSkinnyWarps * bi::kWarp)
 #pragma unroll
             for (int t = 0; t < TN; ++t)
                 wv[u][t] = c0 + u * kChunk < k_warp ? load_stream(w_rows[t] + c0 + u * kChunk) : make_uint4(0, 0, 0, 0);
+        // Weights never depend on the previous kernel: the first loads are in flight before
+        // the wait for the activations it writes.
+        if (c0 == 0) bi::wait_for_previous_kernel();
 #pragma unroll
         for (int u = 0; u < kSkinnyUnroll; ++u) {
             if (c0 + u * kChunk >= k_warp) break;
@@ -157,6 +161,8 @@ __global__ void __launch_bounds__(kTiledThreads)
     const int wm = warp / 4, wn = warp % 4;  // warp tile: rows wm*64.., cols wn*32..
     const int m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
     const int k_tiles = k / kTileK;
+    bi::allow_next_kernel();
+    bi::wait_for_previous_kernel();
 
     auto load_stage = [&](int stage, int kt) {
         bi_bf16 *sa = smem + stage * kStageElems, *sw = sa + kTileM * kRowPitch;
@@ -219,11 +225,11 @@ template <int MT, int Epilogue>
 cudaError_t launch_skinny(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, int n, int k, cudaStream_t stream) {
     // Two weight-row tiles per block where that still gives every SM work; one for narrow n.
     if (n % 16 == 0 && n >= 4096) {
-        skinny_kernel<MT, 2, Epilogue><<<n / 16, kSkinnyWarps * bi::kWarp, 0, stream>>>(out, a, w, m, n, k);
-    } else {
-        skinny_kernel<MT, 1, Epilogue><<<n / 8, kSkinnyWarps * bi::kWarp, 0, stream>>>(out, a, w, m, n, k);
+        return bi::launch(skinny_kernel<MT, 2, Epilogue>, dim3(n / 16), dim3(kSkinnyWarps * bi::kWarp), 0, stream, out, a, w,
+                          m, n, k);
     }
-    return bi::launch_status();
+    return bi::launch(skinny_kernel<MT, 1, Epilogue>, dim3(n / 8), dim3(kSkinnyWarps * bi::kWarp), 0, stream, out, a, w, m,
+                      n, k);
 }
 
 template <int Epilogue>
@@ -236,8 +242,7 @@ cudaError_t launch_linear(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, 
                                                static_cast<int>(kTiledSmem));
     if (e != cudaSuccess) return e;
     const dim3 grid(n / kTileN, (m + kTileM - 1) / kTileM);
-    tiled_kernel<Epilogue><<<grid, kTiledThreads, kTiledSmem, stream>>>(out, a, w, m, n, k);
-    return bi::launch_status();
+    return bi::launch(tiled_kernel<Epilogue>, grid, dim3(kTiledThreads), kTiledSmem, stream, out, a, w, m, n, k);
 }
 
 }  // namespace

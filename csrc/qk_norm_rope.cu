@@ -18,6 +18,8 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
                         const int32_t *__restrict__ positions, const int32_t *__restrict__ row_seq,
                         const int32_t *__restrict__ block_tables, int max_blocks, float eps) {
     const int row = blockIdx.x, warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
+    bi::allow_next_kernel();
+    bi::wait_for_previous_kernel();
     const int pos = positions[row];
     if (pos < 0) return;  // padding row
     const int block = block_tables[static_cast<size_t>(row_seq[row]) * max_blocks + pos / BI_BLOCK_TOKENS];
@@ -68,7 +70,6 @@ extern "C" cudaError_t bi_qk_norm_rope_cache(bi_bf16 *q, bi_bf16 *k_cache, bi_bf
                                              const int32_t *row_seq, const int32_t *block_tables, int m,
                                              int max_blocks, float eps, cudaStream_t stream) {
     if (m <= 0 || max_blocks <= 0) return cudaErrorInvalidValue;
-    qk_norm_rope_kernel<<<m, kWarps * bi::kWarp, 0, stream>>>(q, k_cache, v_cache, qkv, q_norm, k_norm, rope_inv_freq,
-                                                              positions, row_seq, block_tables, max_blocks, eps);
-    return bi::launch_status();
+    return bi::launch(qk_norm_rope_kernel, dim3(m), dim3(kWarps * bi::kWarp), 0, stream, q, k_cache, v_cache, qkv, q_norm,
+                      k_norm, rope_inv_freq, positions, row_seq, block_tables, max_blocks, eps);
 }

@@ -9,6 +9,8 @@ constexpr int kThreads = 256;
 __global__ void rmsnorm_kernel(bi_bf16 *__restrict__ out, const float *__restrict__ x,
                                const bi_bf16 *__restrict__ weight, int hidden, float eps) {
     __shared__ float scratch[kThreads / bi::kWarp];
+    bi::allow_next_kernel();
+    bi::wait_for_previous_kernel();
     const float *row = x + static_cast<size_t>(blockIdx.x) * hidden;
     float sum_sq = 0.0f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) sum_sq += row[i] * row[i];
@@ -23,6 +25,5 @@ __global__ void rmsnorm_kernel(bi_bf16 *__restrict__ out, const float *__restric
 extern "C" cudaError_t bi_rmsnorm(bi_bf16 *out, const float *x, const bi_bf16 *weight, int m,
                                   int hidden, float eps, cudaStream_t stream) {
     if (m <= 0 || hidden <= 0) return cudaErrorInvalidValue;
-    rmsnorm_kernel<<<m, kThreads, 0, stream>>>(out, x, weight, hidden, eps);
-    return bi::launch_status();
+    return bi::launch(rmsnorm_kernel, dim3(m), dim3(kThreads), 0, stream, out, x, weight, hidden, eps);
 }

@@ -47,6 +47,8 @@ __global__ void __launch_bounds__(kChunkThreads)
     chunk_kernel(float *__restrict__ cand_values, int32_t *__restrict__ cand_ids, const float *__restrict__ logits,
                  const int32_t *__restrict__ positions, const bi_sampling_params *__restrict__ params, int vocab) {
     const int row = blockIdx.x, chunk = blockIdx.y;
+    bi::allow_next_kernel();
+    bi::wait_for_previous_kernel();
     if (positions[row] < 0) return;
     const int chunk_len = (vocab + BI_SAMPLE_CHUNKS - 1) / BI_SAMPLE_CHUNKS;
     const int begin = chunk * chunk_len, end = min(vocab, begin + chunk_len);
@@ -109,6 +111,8 @@ __global__ void __launch_bounds__(kPickThreads)
                 const float *__restrict__ cand_values, const int32_t *__restrict__ cand_ids,
                 const bi_sampling_params *__restrict__ params) {
     const int row = blockIdx.x;
+    bi::allow_next_kernel();
+    bi::wait_for_previous_kernel();
     if (positions[row] < 0) return;
     const bi_sampling_params p = params[row];
     const bool greedy = is_greedy(p);
@@ -166,12 +170,11 @@ extern "C" cudaError_t bi_sample(int32_t *tokens, int32_t *positions, uint32_t *
                                  int32_t *cand_ids, const float *logits, const bi_sampling_params *params, int batch,
                                  int vocab, cudaStream_t stream) {
     if (batch <= 0 || vocab <= 0 || vocab > BI_SAMPLE_CHUNKS * kChunkSlots) return cudaErrorInvalidValue;
-    chunk_kernel<<<dim3(batch, BI_SAMPLE_CHUNKS), kChunkThreads, 0, stream>>>(cand_values, cand_ids, logits, positions,
-                                                                             params, vocab);
-    cudaError_t e = bi::launch_status();
+    cudaError_t e = bi::launch(chunk_kernel, dim3(batch, BI_SAMPLE_CHUNKS), dim3(kChunkThreads), 0, stream, cand_values,
+                               cand_ids, logits, positions, params, vocab);
     if (e != cudaSuccess) return e;
     e = cudaFuncSetAttribute(pick_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kPickSmem));
     if (e != cudaSuccess) return e;
-    pick_kernel<<<batch, kPickThreads, kPickSmem, stream>>>(tokens, positions, steps, cand_values, cand_ids, params);
-    return bi::launch_status();
+    return bi::launch(pick_kernel, dim3(batch), dim3(kPickThreads), kPickSmem, stream, tokens, positions, steps, cand_values,
+                      cand_ids, params);
 }

@@ -13,5 +13,5 @@ for source in csrc/*.cu; do
     "$nvcc" -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc -gencode=arch=compute_90a,code=sm_90a \
         -Xptxas -v -c "$source" -o /dev/null 2>&1 \
         | grep -E "Compiling entry|Used [0-9]+ registers|spill" \
-        | sed -E 's/ptxas info\s*: //' | c++filt
+        | sed -E "s/ptxas info\\s*: //" | c++filt || true
 done

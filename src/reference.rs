@@ -41,6 +41,9 @@ impl CpuLayer {
 
 pub struct CpuModel {
     config: ModelConfig,
+    /// Round activations to bf16 where the CUDA kernels store them (norm outputs, q/k/v,
+    /// attention output, SwiGLU output); the residual stream stays f32. Off: all f32.
+    bf16_activations: bool,
     embed: Vec<f32>,           // [vocab, hidden]
     layers: Vec<CpuLayer>,
     final_norm: Vec<f32>,      // [hidden]
@@ -68,11 +71,26 @@ impl CpuModel {
     pub fn new(config: &ModelConfig, weights: &ModelWeights) -> Self {
         Self {
             config: config.clone(),
+            bf16_activations: false,
             embed: weights.embed.to_f32(),
             layers: weights.layers.iter().map(CpuLayer::new).collect(),
             final_norm: weights.final_norm.to_f32(),
             lm_head: weights.lm_head.as_ref().map(|t| t.to_f32()),
         }
+    }
+
+    /// The same model, rounding activations to bf16 where the GPU does: a tight oracle for the
+    /// GPU path, whose remaining differences are summation order.
+    pub fn with_bf16_activations(mut self) -> Self {
+        self.bf16_activations = true;
+        self
+    }
+
+    fn stored(&self, mut values: Vec<f32>) -> Vec<f32> {
+        if self.bf16_activations {
+            values.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+        }
+        values
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -92,10 +110,10 @@ impl CpuModel {
         let row = token as usize * c.hidden;
         let mut x = self.embed[row..row + c.hidden].to_vec(); // [hidden] residual stream
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, c.rms_eps);
+            let h = self.stored(rms_norm(&x, &layer.input_norm, c.rms_eps));
             let mut q = matvec(&layer.q_proj, &h); // [q_heads * head_dim]
             let mut k = matvec(&layer.k_proj, &h); // [kv_heads * head_dim]
-            let v = matvec(&layer.v_proj, &h);
+            let v = self.stored(matvec(&layer.v_proj, &h));
             for head in q.chunks_mut(c.head_dim) {
                 head.copy_from_slice(&rms_norm(head, &layer.q_norm, c.rms_eps));
                 rope(head, position, c.rope_theta);
@@ -104,18 +122,19 @@ impl CpuModel {
                 head.copy_from_slice(&rms_norm(head, &layer.k_norm, c.rms_eps));
                 rope(head, position, c.rope_theta);
             }
+            let (q, k) = (self.stored(q), self.stored(k));
             cache.keys[i].extend_from_slice(&k);
             cache.values[i].extend_from_slice(&v);
-            let attn = attention(c, &q, &cache.keys[i], &cache.values[i]);
+            let attn = self.stored(attention(c, &q, &cache.keys[i], &cache.values[i]));
             add_assign(&mut x, &matvec(&layer.o_proj, &attn));
-            let h = rms_norm(&x, &layer.post_norm, c.rms_eps);
+            let h = self.stored(rms_norm(&x, &layer.post_norm, c.rms_eps));
             let gate = matvec(&layer.gate_proj, &h);
             let up = matvec(&layer.up_proj, &h);
-            let act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
+            let act = self.stored(gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect());
             add_assign(&mut x, &matvec(&layer.down_proj, &act));
         }
         cache.len += 1;
-        let h = rms_norm(&x, &self.final_norm, c.rms_eps);
+        let h = self.stored(rms_norm(&x, &self.final_norm, c.rms_eps));
         Ok(matvec(self.lm_head.as_ref().unwrap_or(&self.embed), &h))
     }
 }

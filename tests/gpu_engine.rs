@@ -42,21 +42,25 @@ fn gpu_engine_matches_the_cpu_reference() {
     let mut rng = fresh_seed("gpu_engine_matches_the_cpu_reference");
     let config = small_real_config();
     let weights = synthetic_weights(&config, rng.next_u64());
-    let cpu = CpuModel::new(&config, &weights);
+    // The oracle rounds activations to bf16 where the kernels store them, so what remains is
+    // summation order (and the rare bf16 rounding flip it causes).
+    let cpu = CpuModel::new(&config, &weights).with_bf16_activations();
+    let f32_cpu = CpuModel::new(&config, &weights);
     let mut engine = engine(gpu, &config, &weights, EngineOptions { prefill_chunk: 32, ..Default::default() });
     let prompt = random_prompt(&mut rng, 70, config.vocab); // three prefill chunks
     let prompt_logits = engine
         .start_sequence(0, &prompt, 40, &SamplingParams::greedy(), 0, true)
         .unwrap()
         .unwrap();
-    let mut cache = cpu.new_cache();
-    let mut worst: f64 = 0.0;
+    let (mut cache, mut f32_cache) = (cpu.new_cache(), f32_cpu.new_cache());
+    let (mut worst, mut worst_f32): (f64, f64) = (0.0, 0.0);
     let mut reference = Vec::new();
     for (i, &token) in prompt.iter().enumerate() {
         reference = cpu.forward(token, &mut cache).unwrap();
         let ours = &prompt_logits[i * config.vocab..(i + 1) * config.vocab];
         common::assert_all_finite(ours, "prefill logits");
         worst = worst.max(common::rel_l2(ours, &reference));
+        worst_f32 = worst_f32.max(common::rel_l2(ours, &f32_cpu.forward(token, &mut f32_cache).unwrap()));
     }
     let mut mismatches = 0;
     for step in 0..30 {
@@ -70,10 +74,13 @@ fn gpu_engine_matches_the_cpu_reference() {
         let ours = engine.gpu().download(engine.logits()).unwrap();
         reference = cpu.forward(token, &mut cache).unwrap();
         worst = worst.max(common::rel_l2(&ours, &reference));
+        worst_f32 = worst_f32.max(common::rel_l2(&ours, &f32_cpu.forward(token, &mut f32_cache).unwrap()));
     }
-    eprintln!("worst relative L2 error of logits: {worst:.2e}; near-tie mismatches: {mismatches}");
-    // bf16 weights are exact in both; the GPU rounds activations to bf16 between kernels.
-    assert!(worst < 2e-2, "relative L2 error of logits {worst:.2e}");
+    eprintln!(
+        "worst relative L2 error of logits: {worst:.2e} against the bf16-activation reference, \
+         {worst_f32:.2e} against f32; near-tie mismatches: {mismatches}"
+    );
+    assert!(worst < 5e-3, "relative L2 error of logits {worst:.2e} against the bf16-activation reference");
 }
 
 #[test]

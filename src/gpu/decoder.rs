@@ -3,7 +3,7 @@
 //! idles on the host's detokenization and printing.
 
 use anyhow::{Context, Result};
-use cudarc::driver::PinnedHostSlice;
+use cudarc::driver::{CudaEvent, PinnedHostSlice};
 
 use super::engine::Engine;
 use crate::generate::Decoder;
@@ -13,8 +13,11 @@ pub struct GpuDecoder {
     engine: Engine,
     params: SamplingParams,
     max_new_tokens: usize,
-    /// Tokens copied back, alternating: slot i % 2 holds token i until it is delivered.
+    /// Tokens copied back, alternating: slot i % 2 holds token i until it is delivered; its
+    /// event marks the end of the copy (recorded here: cudarc records pinned-buffer events only
+    /// when it tracks streams, which the engine turns off).
     landing: [PinnedHostSlice<i32>; 2],
+    landed: [CudaEvent; 2],
     launched: usize,
     delivered: usize,
     /// Tokens this sequence may produce (its KV blocks).
@@ -28,7 +31,9 @@ impl GpuDecoder {
         // which waits for the copy that fills it.
         let pin = || unsafe { ctx.alloc_pinned_with_flags::<i32>(1, 0) }.context("allocating pinned memory");
         let landing = [pin()?, pin()?];
-        Ok(Self { engine, params, max_new_tokens, landing, launched: 0, delivered: 0, limit: 0 })
+        let event = || ctx.new_event(None).context("creating a CUDA event");
+        let landed = [event()?, event()?];
+        Ok(Self { engine, params, max_new_tokens, landing, landed, launched: 0, delivered: 0, limit: 0 })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -40,6 +45,7 @@ impl GpuDecoder {
         let slot = self.launched % 2;
         let engine = &self.engine;
         engine.gpu().stream.memcpy_dtoh(&engine.tokens().slice(0..1), &mut self.landing[slot])?;
+        self.landed[slot].record(&engine.gpu().stream)?;
         self.launched += 1;
         Ok(())
     }
@@ -53,7 +59,9 @@ impl GpuDecoder {
     }
 
     fn deliver(&mut self) -> Result<u32> {
-        let token = self.landing[self.delivered % 2].as_slice().context("waiting for the GPU")?[0];
+        let slot = self.delivered % 2;
+        self.landed[slot].synchronize().context("waiting for the GPU")?;
+        let token = self.landing[slot].as_slice().context("reading a token")?[0];
         self.delivered += 1;
         Ok(token as u32)
     }
