@@ -1,6 +1,7 @@
 // Causal GQA attention over the paged KV cache, split along the sequence (flash-decoding):
 // blocks of `split_kernel` each cover one range of positions for one kv head (both of its query
-// heads, so every K/V row is read once), and `combine_kernel` merges the ranges.
+// heads, so every K/V row is read once); the last block of a (row, kv head) to finish merges
+// the ranges (a completion counter instead of a second launch).
 // The same kernels serve decode (one row per sequence) and prefill (one row per prompt token).
 #include "common.cuh"
 
@@ -45,18 +46,39 @@ __device__ __forceinline__ void merge(Running &r, float other_max, float other_s
     r.max = new_max;
 }
 
+// Merges the `splits` ranges of one head into out[d] (bf16); L2 reads: other blocks wrote them.
+__device__ __forceinline__ void combine(bi_bf16 *out, const float *p, int splits, int d) {
+    float best = -INFINITY;
+    for (int s = 0; s < splits; ++s) best = fmaxf(best, __ldcg(p + s * BI_PARTIAL_FLOATS));
+    float sum = 0.0f, acc = 0.0f;
+#pragma unroll 4
+    for (int s = 0; s < splits; ++s) {
+        const float m = __ldcg(p + s * BI_PARTIAL_FLOATS);
+        const float scale = m == -INFINITY ? 0.0f : exp2f(m - best);  // an empty range adds nothing
+        sum += __ldcg(p + s * BI_PARTIAL_FLOATS + 1) * scale;
+        acc += __ldcg(p + s * BI_PARTIAL_FLOATS + 2 + d) * scale;
+    }
+    out[d] = bi::f32_to_bf16(acc / sum);
+}
+
 // grid (kv heads, rows, splits); 4 warps; lane = token (lane / 4) x part (lane % 4).
 __global__ void __launch_bounds__(kWarps * bi::kWarp)
-    split_kernel(float *__restrict__ partials, const bi_bf16 *__restrict__ q, const bi_bf16 *__restrict__ k_cache,
-                 const bi_bf16 *__restrict__ v_cache, const int32_t *__restrict__ positions,
-                 const int32_t *__restrict__ row_seq, const int32_t *__restrict__ block_tables, int max_blocks) {
+    split_kernel(bi_bf16 *__restrict__ out, float *__restrict__ partials, int32_t *__restrict__ counters,
+                 const bi_bf16 *__restrict__ q, const bi_bf16 *__restrict__ k_cache, const bi_bf16 *__restrict__ v_cache,
+                 const int32_t *__restrict__ positions, const int32_t *__restrict__ row_seq,
+                 const int32_t *__restrict__ block_tables, int max_blocks) {
     const int kv_head = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const int part = lane % kParts, token_lane = lane / kParts;
     bi::allow_next_kernel();
     bi::wait_for_previous_kernel();
     const int pos = positions[row];
-    if (pos < 0) return;  // padding row: combine_kernel writes its zeros
+    if (pos < 0) {  // padding row: zeros
+        if (split == 0)
+            for (int i = threadIdx.x; i < kGroup * BI_HEAD_DIM; i += blockDim.x)
+                out[(static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup) * BI_HEAD_DIM + i] = 0;
+        return;
+    }
     const int kv_len = pos + 1;
     const int chunk = (kv_len + splits - 1) / splits;
     const int begin = split * chunk, end = min(kv_len, begin + chunk);
@@ -139,47 +161,38 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
                 acc += warp_state[w][h][2 + d] * scale_w;
             }
         }
-        float *out = partials + ((static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * splits + split) * BI_PARTIAL_FLOATS;
-        if (d == 0) out[0] = best, out[1] = sum;
-        out[2 + d] = acc;
+        float *dst = partials + ((static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * splits + split) * BI_PARTIAL_FLOATS;
+        if (d == 0) dst[0] = best, dst[1] = sum;
+        dst[2 + d] = acc;
     }
-}
 
-// grid (rows, 16 query heads); one thread per head dim.
-__global__ void __launch_bounds__(BI_HEAD_DIM)
-    combine_kernel(bi_bf16 *__restrict__ out, const float *__restrict__ partials, const int32_t *__restrict__ positions,
-                   int splits) {
-    const int row = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
-    bi_bf16 *dst = out + (static_cast<size_t>(row) * BI_Q_HEADS + head) * BI_HEAD_DIM + d;
-    bi::allow_next_kernel();
-    bi::wait_for_previous_kernel();
-    if (positions[row] < 0) {
-        *dst = 0;
-        return;
+    // The last block of this (row, kv head) to finish merges every range into the output.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int32_t *counter = counters + static_cast<size_t>(row) * BI_KV_HEADS + kv_head;
+        last = atomicAdd(counter, 1) == splits - 1;
+        if (last) *counter = 0;  // ready for the next launch
     }
-    const float *p = partials + (static_cast<size_t>(row) * BI_Q_HEADS + head) * splits * BI_PARTIAL_FLOATS;
-    float best = -INFINITY;
-    for (int s = 0; s < splits; ++s) best = fmaxf(best, p[s * BI_PARTIAL_FLOATS]);
-    float sum = 0.0f, acc = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-        const float m = p[s * BI_PARTIAL_FLOATS];
-        if (m == -INFINITY) continue;  // an empty range
-        const float scale = exp2f(m - best);
-        sum += p[s * BI_PARTIAL_FLOATS + 1] * scale;
-        acc += p[s * BI_PARTIAL_FLOATS + 2 + d] * scale;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+#pragma unroll
+    for (int h = 0; h < kGroup; ++h) {
+        const int head = kv_head * kGroup + h;
+        combine(out + (static_cast<size_t>(row) * BI_Q_HEADS + head) * BI_HEAD_DIM,
+                partials + (static_cast<size_t>(row) * BI_Q_HEADS + head) * splits * BI_PARTIAL_FLOATS, splits, d);
     }
-    *dst = bi::f32_to_bf16(acc / sum);
 }
 
 }  // namespace
 
-extern "C" cudaError_t bi_attention(bi_bf16 *out, float *partials, const bi_bf16 *q, const bi_bf16 *k_cache,
+extern "C" cudaError_t bi_attention(bi_bf16 *out, float *partials, int32_t *counters, const bi_bf16 *q, const bi_bf16 *k_cache,
                                     const bi_bf16 *v_cache, const int32_t *positions, const int32_t *row_seq,
                                     const int32_t *block_tables, int m, int max_blocks, int splits,
                                     cudaStream_t stream) {
     if (m <= 0 || max_blocks <= 0 || splits <= 0 || splits > 65535) return cudaErrorInvalidValue;
-    const cudaError_t e = bi::launch(split_kernel, dim3(BI_KV_HEADS, m, splits), dim3(kWarps * bi::kWarp), 0, stream,
-                                     partials, q, k_cache, v_cache, positions, row_seq, block_tables, max_blocks);
-    if (e != cudaSuccess) return e;
-    return bi::launch(combine_kernel, dim3(m, BI_Q_HEADS), dim3(BI_HEAD_DIM), 0, stream, out, partials, positions, splits);
+    return bi::launch(split_kernel, dim3(BI_KV_HEADS, m, splits), dim3(kWarps * bi::kWarp), 0, stream, out, partials,
+                      counters, q, k_cache, v_cache, positions, row_seq, block_tables, max_blocks);
 }

@@ -50,9 +50,16 @@ typedef enum {
 } bi_epilogue;
 
 /* out = a . w^T on tensor cores with f32 accumulation, then the epilogue.
- * a: [m, k] bf16; w: [n, k] bf16. k must be a multiple of 128, n of 16 (of 128 when m > 64). */
+ * a: [m, k] bf16; w: [n, k] bf16. k must be a multiple of 512 (of 128 when n > 8192), n of 16
+ * (of 128 when m > 64). */
 cudaError_t bi_linear(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, int n, int k,
                       bi_epilogue epilogue, cudaStream_t stream);
+
+/* The same with RMSNorm fused in front: a = bf16(x / rms(x) * norm), x: [m, k] f32 (the
+ * residual stream), norm: [k] bf16. scratch: [m, k] bf16, used when m > 64. */
+cudaError_t bi_norm_linear(void *out, const float *x, const bi_bf16 *norm, float eps, const bi_bf16 *w,
+                           bi_bf16 *scratch, int m, int n, int k, bi_epilogue epilogue,
+                           cudaStream_t stream);
 
 /* Per row r (a token at position positions[r] of sequence row_seq[r]; rows with a negative
  * position are padding and are skipped):
@@ -71,8 +78,9 @@ cudaError_t bi_qk_norm_rope_cache(bi_bf16 *q, bi_bf16 *k_cache, bi_bf16 *v_cache
  * sequence row_seq[r]; query head h reads kv head h / 2; scale 1/sqrt(128). The positions are
  * split into `splits` ranges handled by separate blocks, then combined (flash-decoding).
  * out: [m, 16 * 128] bf16; partials: [m, 16, splits, BI_PARTIAL_FLOATS] f32 workspace;
+ * counters: [m, 8] int32 workspace, zero before the first call and left zero after each;
  * q: [m, 16, 128] bf16. Padding rows (negative position) write zeros. */
-cudaError_t bi_attention(bi_bf16 *out, float *partials, const bi_bf16 *q, const bi_bf16 *k_cache,
+cudaError_t bi_attention(bi_bf16 *out, float *partials, int32_t *counters, const bi_bf16 *q, const bi_bf16 *k_cache,
                          const bi_bf16 *v_cache, const int32_t *positions, const int32_t *row_seq,
                          const int32_t *block_tables, int m, int max_blocks, int splits,
                          cudaStream_t stream);

@@ -3,7 +3,7 @@
 //
 // Two tilings of the same product, picked by m:
 // - skinny (m <= 64, decode): weights stream straight from global memory into mma fragments
-//   with 16-byte loads; each block owns 8*TN weight rows and its 4 warps split k. The k axis is
+//   with 16-byte loads; each block owns 8*TN weight rows and its warps split k. The k axis is
 //   permuted inside every 32-column chunk (same permutation for a and w, so the dot product is
 //   unchanged): a thread's 8 contiguous bf16 feed two k16 steps. At m = 1 the tensor core
 //   wastes 15/16 of its rows, which costs nothing in a memory-bound product.
@@ -54,25 +54,61 @@ __device__ __forceinline__ uint4 load_stream(const void *p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Skinny: grid n / (8*TN) blocks of 4 warps; warp w covers k columns [w*k/4, (w+1)*k/4).
+// Skinny: grid n / (8*TN) blocks of WARPS warps; warp w covers k columns [w*k/WARPS, (w+1)*k/WARPS).
+// With Norm, the A operand is the f32 residual stream normalized on the fly (RMSNorm fused into
+// the product: each block reduces the rows' sums of squares itself, while its first weight
+// loads are in flight).
 
-constexpr int kSkinnyWarps = 4;
 constexpr int kSkinnyUnroll = 8;  // 32-column chunks whose weight loads are in flight at once
 
-template <int MT, int TN, int Epilogue>
-__global__ void __launch_bounds__(kSkinnyWarps * bi::kWarp)
-    skinny_kernel(void *out, const bi_bf16 *__restrict__ a, const bi_bf16 *__restrict__ w, int m, int n, int k) {
+struct SkinnyArgs {
+    void *out;
+    const void *a;             // bf16 [m, k], or with Norm f32 [m, k]
+    const bi_bf16 *norm;       // with Norm: [k]
+    const bi_bf16 *w;          // [n, k]
+    int m, n, k;
+    float eps;
+};
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    return static_cast<uint32_t>(bi::f32_to_bf16(lo)) | (static_cast<uint32_t>(bi::f32_to_bf16(hi)) << 16);
+}
+
+// Eight consecutive A values of `row` from column `col`, as bf16 pairs.
+template <bool Norm>
+__device__ __forceinline__ uint4 a_chunk(const SkinnyArgs &args, int row, int col, const float *inv_rms) {
+    if (row >= args.m) return make_uint4(0, 0, 0, 0);
+    if constexpr (!Norm) {
+        return *reinterpret_cast<const uint4 *>(static_cast<const bi_bf16 *>(args.a) + static_cast<size_t>(row) * args.k + col);
+    } else {
+        const float4 *x = reinterpret_cast<const float4 *>(static_cast<const float *>(args.a) + static_cast<size_t>(row) * args.k + col);
+        const float4 x0 = x[0], x1 = x[1];
+        const uint4 wbits = *reinterpret_cast<const uint4 *>(args.norm + col);
+        const float s = inv_rms[row];
+        auto lo = [](uint32_t v) { return __uint_as_float(v << 16); };
+        auto hi = [](uint32_t v) { return __uint_as_float(v & 0xffff0000u); };
+        return make_uint4(pack_bf16x2(x0.x * s * lo(wbits.x), x0.y * s * hi(wbits.x)),
+                          pack_bf16x2(x0.z * s * lo(wbits.y), x0.w * s * hi(wbits.y)),
+                          pack_bf16x2(x1.x * s * lo(wbits.z), x1.y * s * hi(wbits.z)),
+                          pack_bf16x2(x1.z * s * lo(wbits.w), x1.w * s * hi(wbits.w)));
+    }
+}
+
+template <int MT, int TN, int Warps, int Epilogue, bool Norm>
+__global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs args) {
+    static_assert(Warps * MT * TN <= 64, "the cross-warp reduction must fit 32 KiB of shared memory");
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const int g = lane / 4, q = lane % 4;  // mma fragment coordinates
     const int n0 = blockIdx.x * 8 * TN;
-    const int k_warp = k / kSkinnyWarps;
+    const int k_warp = args.k / Warps;
     const int k_begin = warp * k_warp + 8 * q;
 
     bi::allow_next_kernel();
+    __shared__ float inv_rms[MT * 16];
     float acc[MT][TN][4] = {};
     const bi_bf16 *w_rows[TN];
 #pragma unroll
-    for (int t = 0; t < TN; ++t) w_rows[t] = w + static_cast<size_t>(n0 + t * 8 + g) * k + k_begin;
+    for (int t = 0; t < TN; ++t) w_rows[t] = args.w + static_cast<size_t>(n0 + t * 8 + g) * args.k + k_begin;
 
     for (int c0 = 0; c0 < k_warp; c0 += kChunk * kSkinnyUnroll) {
         uint4 wv[kSkinnyUnroll][TN];
@@ -81,19 +117,32 @@ __global__ void __launch_bounds__(kSkinnyWarps * bi::kWarp)
 #pragma unroll
             for (int t = 0; t < TN; ++t)
                 wv[u][t] = c0 + u * kChunk < k_warp ? load_stream(w_rows[t] + c0 + u * kChunk) : make_uint4(0, 0, 0, 0);
-        // Weights never depend on the previous kernel: the first loads are in flight before
-        // the wait for the activations it writes.
-        if (c0 == 0) bi::wait_for_previous_kernel();
+        if (c0 == 0) {
+            // Weights never depend on the previous kernel: the first loads are in flight before
+            // the wait for the activations it writes.
+            bi::wait_for_previous_kernel();
+            if constexpr (Norm) {
+                for (int r = warp; r < args.m; r += Warps) {
+                    const float *row = static_cast<const float *>(args.a) + static_cast<size_t>(r) * args.k;
+                    float sum_sq = 0.0f;
+                    for (int i = lane * 4; i < args.k; i += bi::kWarp * 4) {
+                        const float4 v = *reinterpret_cast<const float4 *>(row + i);
+                        sum_sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+                    }
+                    sum_sq = bi::warp_sum(sum_sq);
+                    if (lane == 0) inv_rms[r] = rsqrtf(sum_sq / args.k + args.eps);
+                }
+                __syncthreads();
+            }
+        }
 #pragma unroll
         for (int u = 0; u < kSkinnyUnroll; ++u) {
             if (c0 + u * kChunk >= k_warp) break;
             const int col = k_begin + c0 + u * kChunk;
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                const int r_lo = mt * 16 + g, r_hi = r_lo + 8;
-                const uint4 zero = make_uint4(0, 0, 0, 0);
-                const uint4 lo = r_lo < m ? *reinterpret_cast<const uint4 *>(a + static_cast<size_t>(r_lo) * k + col) : zero;
-                const uint4 hi = r_hi < m ? *reinterpret_cast<const uint4 *>(a + static_cast<size_t>(r_hi) * k + col) : zero;
+                const uint4 lo = a_chunk<Norm>(args, mt * 16 + g, col, inv_rms);
+                const uint4 hi = a_chunk<Norm>(args, mt * 16 + g + 8, col, inv_rms);
 #pragma unroll
                 for (int t = 0; t < TN; ++t) {
                     mma_bf16(acc[mt][t], lo.x, hi.x, lo.y, hi.y, wv[u][t].x, wv[u][t].y);
@@ -103,8 +152,8 @@ __global__ void __launch_bounds__(kSkinnyWarps * bi::kWarp)
         }
     }
 
-    // Sum the 4 warps' partial products; warp 0 applies the epilogue.
-    __shared__ float partial[kSkinnyWarps][MT * TN * 4][bi::kWarp];
+    // Sum the warps' partial products in a fixed order; warp 0 applies the epilogue.
+    __shared__ float partial[Warps][MT * TN * 4][bi::kWarp];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -121,11 +170,13 @@ __global__ void __launch_bounds__(kSkinnyWarps * bi::kWarp)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int idx = (mt * TN + t) * 4 + e;
-                v[e] = partial[0][idx][lane] + partial[1][idx][lane] + partial[2][idx][lane] + partial[3][idx][lane];
+                v[e] = 0.0f;
+#pragma unroll
+                for (int w = 0; w < Warps; ++w) v[e] += partial[w][idx][lane];
             }
             const int row = mt * 16 + g, col = n0 + t * 8 + 2 * q;
-            if (row < m) store_pair<Epilogue>(out, n, row, col, v[0], v[1]);
-            if (row + 8 < m) store_pair<Epilogue>(out, n, row + 8, col, v[2], v[3]);
+            if (row < args.m) store_pair<Epilogue>(args.out, args.n, row, col, v[0], v[1]);
+            if (row + 8 < args.m) store_pair<Epilogue>(args.out, args.n, row + 8, col, v[2], v[3]);
         }
     }
 }
@@ -221,23 +272,25 @@ __global__ void __launch_bounds__(kTiledThreads)
 
 // ---------------------------------------------------------------------------------------------
 
-template <int MT, int Epilogue>
-cudaError_t launch_skinny(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, int n, int k, cudaStream_t stream) {
-    // Two weight-row tiles per block where that still gives every SM work; one for narrow n.
-    if (n % 16 == 0 && n >= 4096) {
-        return bi::launch(skinny_kernel<MT, 2, Epilogue>, dim3(n / 16), dim3(kSkinnyWarps * bi::kWarp), 0, stream, out, a, w,
-                          m, n, k);
-    }
-    return bi::launch(skinny_kernel<MT, 1, Epilogue>, dim3(n / 8), dim3(kSkinnyWarps * bi::kWarp), 0, stream, out, a, w, m,
-                      n, k);
+// Narrow products (every layer matrix) get 16 warps per block splitting k, so that each SM has
+// enough weight loads in flight; the LM head's 151936 rows give enough blocks with 4.
+template <int MT, int Epilogue, bool Norm>
+cudaError_t launch_skinny(const SkinnyArgs &args, cudaStream_t stream) {
+    constexpr int kWide = 4, kNarrow = 16 / MT;
+    const bool narrow = args.n <= 8192;
+    const int warps = narrow ? kNarrow : kWide;
+    if (args.k % (warps * kChunk) != 0) return cudaErrorInvalidValue;
+    const int tn = args.n % 16 == 0 && args.n >= 4096 ? 2 : 1;
+    const dim3 grid(args.n / (8 * tn));
+    if (narrow && tn == 2) return bi::launch(skinny_kernel<MT, 2, kNarrow, Epilogue, Norm>, grid, dim3(kNarrow * bi::kWarp), 0, stream, args);
+    if (narrow) return bi::launch(skinny_kernel<MT, 1, kNarrow, Epilogue, Norm>, grid, dim3(kNarrow * bi::kWarp), 0, stream, args);
+    if (tn == 2) return bi::launch(skinny_kernel<MT, 2, kWide, Epilogue, Norm>, grid, dim3(kWide * bi::kWarp), 0, stream, args);
+    return bi::launch(skinny_kernel<MT, 1, kWide, Epilogue, Norm>, grid, dim3(kWide * bi::kWarp), 0, stream, args);
 }
 
 template <int Epilogue>
-cudaError_t launch_linear(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, int n, int k, cudaStream_t stream) {
-    if (m <= 16) return launch_skinny<1, Epilogue>(out, a, w, m, n, k, stream);
-    if (m <= 32) return launch_skinny<2, Epilogue>(out, a, w, m, n, k, stream);
-    if (m <= 64) return launch_skinny<4, Epilogue>(out, a, w, m, n, k, stream);
-    if (n % kTileN != 0) return cudaErrorInvalidValue;
+cudaError_t launch_tiled(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, int n, int k, cudaStream_t stream) {
+    if (n % kTileN != 0 || k % kTileK != 0) return cudaErrorInvalidValue;
     const cudaError_t e = cudaFuncSetAttribute(tiled_kernel<Epilogue>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(kTiledSmem));
     if (e != cudaSuccess) return e;
@@ -245,16 +298,41 @@ cudaError_t launch_linear(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, 
     return bi::launch(tiled_kernel<Epilogue>, grid, dim3(kTiledThreads), kTiledSmem, stream, out, a, w, m, n, k);
 }
 
+// m <= 64: skinny (norm fused); larger m: RMSNorm into `scratch`, then the tiled product.
+template <int Epilogue, bool Norm>
+cudaError_t launch_linear(const SkinnyArgs &args, bi_bf16 *scratch, cudaStream_t stream) {
+    if (args.m <= 16) return launch_skinny<1, Epilogue, Norm>(args, stream);
+    if (args.m <= 32) return launch_skinny<2, Epilogue, Norm>(args, stream);
+    if (args.m <= 64) return launch_skinny<4, Epilogue, Norm>(args, stream);
+    const bi_bf16 *a = static_cast<const bi_bf16 *>(args.a);
+    if constexpr (Norm) {
+        const cudaError_t e = bi_rmsnorm(scratch, static_cast<const float *>(args.a), args.norm, args.m, args.k, args.eps, stream);
+        if (e != cudaSuccess) return e;
+        a = scratch;
+    }
+    return launch_tiled<Epilogue>(args.out, a, args.w, args.m, args.n, args.k, stream);
+}
+
+template <bool Norm>
+cudaError_t dispatch(const SkinnyArgs &args, bi_epilogue epilogue, bi_bf16 *scratch, cudaStream_t stream) {
+    if (args.m <= 0 || args.n <= 0 || args.k <= 0 || args.n % 16 != 0) return cudaErrorInvalidValue;
+    switch (epilogue) {
+        case BI_EPILOGUE_STORE_F32: return launch_linear<BI_EPILOGUE_STORE_F32, Norm>(args, scratch, stream);
+        case BI_EPILOGUE_ADD_RESIDUAL: return launch_linear<BI_EPILOGUE_ADD_RESIDUAL, Norm>(args, scratch, stream);
+        case BI_EPILOGUE_SWIGLU: return launch_linear<BI_EPILOGUE_SWIGLU, Norm>(args, scratch, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 extern "C" cudaError_t bi_linear(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, int n, int k,
                                  bi_epilogue epilogue, cudaStream_t stream) {
-    // k: whole 32-column chunks for each of the 4 skinny warps; n: whole 16-row tiles.
-    if (m <= 0 || n <= 0 || k <= 0 || k % (kChunk * kSkinnyWarps) != 0 || n % 16 != 0) return cudaErrorInvalidValue;
-    switch (epilogue) {
-        case BI_EPILOGUE_STORE_F32: return launch_linear<BI_EPILOGUE_STORE_F32>(out, a, w, m, n, k, stream);
-        case BI_EPILOGUE_ADD_RESIDUAL: return launch_linear<BI_EPILOGUE_ADD_RESIDUAL>(out, a, w, m, n, k, stream);
-        case BI_EPILOGUE_SWIGLU: return launch_linear<BI_EPILOGUE_SWIGLU>(out, a, w, m, n, k, stream);
-    }
-    return cudaErrorInvalidValue;
+    return dispatch<false>(SkinnyArgs{out, a, nullptr, w, m, n, k, 0.0f}, epilogue, nullptr, stream);
+}
+
+extern "C" cudaError_t bi_norm_linear(void *out, const float *x, const bi_bf16 *norm, float eps, const bi_bf16 *w,
+                                      bi_bf16 *scratch, int m, int n, int k, bi_epilogue epilogue,
+                                      cudaStream_t stream) {
+    return dispatch<true>(SkinnyArgs{out, x, norm, w, m, n, k, eps}, epilogue, scratch, stream);
 }

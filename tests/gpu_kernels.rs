@@ -126,6 +126,31 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: usize
     assert!(err < 4e-3, "swiglu m={m} n={n} k={k}: relative L2 {err:.2e} (bf16 output)");
 }
 
+/// RMSNorm fused in front of the product, against rmsnorm -> bf16 -> product on the CPU.
+fn run_norm_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: usize) {
+    let x: Vec<f32> = (0..m * k).map(|i| rng.centered(0.3 + (i / k) as f32)).collect();
+    let mut norm: Vec<f32> = (0..k).map(|_| rng.range(0.5, 2.0)).collect();
+    norm[7] = 40.0;
+    let norm_bits: Vec<u16> = norm.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+    let norm_f32 = bits_to_f32(&norm_bits);
+    let w_bits = random_bf16(rng, n * k, 1.0 / (k as f32).sqrt());
+    let a: Vec<f32> = (0..m)
+        .flat_map(|r| rms_norm(&x[r * k..(r + 1) * k], &norm_f32, 1e-6))
+        .map(|v| bf16::from_f32(v).to_f32())
+        .collect();
+    let expected = matmul_ref(&a, &bits_to_f32(&w_bits), m, n, k);
+    let (d_x, d_norm, d_w) = (gpu.upload(&x).unwrap(), gpu.upload(&norm_bits).unwrap(), gpu.upload(&w_bits).unwrap());
+    let mut scratch = gpu.alloc::<u16>(m * k).unwrap();
+    let mut d_out = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
+    kernels::norm_linear(gpu, &mut d_out, &d_x, &d_norm, 1e-6, &d_w, &mut scratch, (m, n, k), kernels::NormEpilogue::Store).unwrap();
+    let out = gpu.download(&d_out).unwrap();
+    common::assert_all_finite(&out, "norm_linear out");
+    // The normalized activations round to bf16 on both sides; a rounding flip from another
+    // summation order moves a product by about 2^-9 of one term.
+    let err = common::rel_l2(&out, &expected);
+    assert!(err < 1e-3, "norm_linear m={m} n={n} k={k}: relative L2 {err:.2e}");
+}
+
 #[test]
 fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
     let Some(gpu) = common::gpu_or_skip("gpu_linear_matches_reference_for_decode_and_prefill_shapes") else { return };
@@ -134,7 +159,11 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
     for &(m, n, k) in &[(1, 1024, 3072), (3, 4096, 1024), (16, 6144, 1024), (17, 1024, 2048), (64, 2048, 1024), (65, 256, 1024), (200, 384, 3072)] {
         run_linear_case(&gpu, &mut rng, m, n, k);
     }
-    assert!(kernels::linear(&gpu, &mut gpu.alloc::<f32>(16).unwrap(), &gpu.alloc::<u16>(100).unwrap(), &gpu.alloc::<u16>(16 * 100).unwrap(), (1, 16, 100), Epilogue::Store).is_err(), "k = 100 must be refused");
+    for &(m, n, k) in &[(1, 4096, 1024), (1, 151_936, 1024), (9, 6144, 1024), (40, 1024, 1024), (130, 512, 1024)] {
+        run_norm_linear_case(&gpu, &mut rng, m, n, k);
+    }
+    let refused = kernels::linear(&gpu, &mut gpu.alloc::<f32>(16).unwrap(), &gpu.alloc::<u16>(100).unwrap(), &gpu.alloc::<u16>(16 * 100).unwrap(), (1, 16, 100), Epilogue::Store);
+    assert!(refused.is_err(), "k = 100 must be refused");
 }
 
 const KV_WIDTH: usize = kernels::KV_WIDTH;
@@ -230,8 +259,10 @@ fn gpu_attention_matches_reference_across_lengths_and_splits() {
     for splits in [1, 3, 33, 64] {
         let mut d_out = gpu.upload(&vec![POISON_BF16; m * 2048]).unwrap();
         let mut d_partials = gpu.upload(&vec![f32::NAN; m * 16 * splits * kernels::PARTIAL_FLOATS]).unwrap();
-        kernels::attention(&gpu, &mut d_out, &mut d_partials, &d_q, &d_k, &d_v, &rows, splits).unwrap();
+        let mut d_counters = gpu.alloc::<i32>(m * 8).unwrap();
+        kernels::attention(&gpu, &mut d_out, &mut d_partials, &mut d_counters, &d_q, &d_k, &d_v, &rows, splits).unwrap();
         let out = bits_to_f32(&gpu.download(&d_out).unwrap());
+        assert!(gpu.download(&d_counters).unwrap().iter().all(|&c| c == 0), "completion counters must return to zero");
         common::assert_all_finite(&out, "attention out");
         for r in 0..m {
             let got = &out[r * 2048..(r + 1) * 2048];

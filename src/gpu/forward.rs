@@ -5,7 +5,7 @@
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, DevicePtrMut};
 
-use super::kernels::{self, Epilogue, LayerCache, Rows, HIDDEN, INTERMEDIATE, PARTIAL_FLOATS, Q_HEADS, Q_WIDTH, QKV_WIDTH};
+use super::kernels::{self, Epilogue, LayerCache, NormEpilogue, Rows, HIDDEN, INTERMEDIATE, KV_HEADS, PARTIAL_FLOATS, Q_HEADS, Q_WIDTH, QKV_WIDTH};
 use super::kv_cache::KvCache;
 use super::weights::DeviceWeights;
 use super::Gpu;
@@ -20,12 +20,13 @@ pub struct StepBuffers {
     pub positions: CudaSlice<i32>, // [rows]; negative: a padding row
     pub row_seq: CudaSlice<i32>,   // [rows]: the block-table row of each token
     x: CudaSlice<f32>,             // [rows, 1024] residual stream
-    h: CudaSlice<u16>,             // [rows, 1024] normalized activations
+    h: CudaSlice<u16>,             // [rows, 1024] normalized activations (large m only)
     qkv: CudaSlice<f32>,           // [rows, 4096]
     q: CudaSlice<u16>,             // [rows, 16, 128]
     attn: CudaSlice<u16>,          // [rows, 2048]
     act: CudaSlice<u16>,           // [rows, 3072] SwiGLU output
     partials: CudaSlice<f32>,      // [rows, 16, splits, 130]
+    counters: CudaSlice<i32>,      // [rows, 8] attention completion counters, kept zero
 }
 
 impl StepBuffers {
@@ -43,6 +44,7 @@ impl StepBuffers {
             attn: gpu.alloc(rows * Q_WIDTH)?,
             act: gpu.alloc(rows * INTERMEDIATE)?,
             partials: gpu.alloc(rows * Q_HEADS * splits * PARTIAL_FLOATS)?,
+            counters: gpu.alloc(rows * KV_HEADS)?,
         })
     }
 }
@@ -71,8 +73,9 @@ impl Forward {
                 max_blocks: self.max_blocks,
                 m,
             };
-            kernels::rmsnorm(gpu, &mut bufs.h, &bufs.x, &layer.input_norm, m, HIDDEN, c.rms_eps)?;
-            kernels::linear(gpu, &mut bufs.qkv, &bufs.h, &layer.qkv, (m, QKV_WIDTH, HIDDEN), Epilogue::Store)?;
+            kernels::norm_linear(
+                gpu, &mut bufs.qkv, &bufs.x, &layer.input_norm, c.rms_eps, &layer.qkv, &mut bufs.h, (m, QKV_WIDTH, HIDDEN), NormEpilogue::Store,
+            )?;
             {
                 let (mut k, mut v) = cache.layer_mut(i);
                 let layer_cache = LayerCache { k: &mut k, v: &mut v };
@@ -81,10 +84,11 @@ impl Forward {
                 )?;
             }
             let (k, v) = cache.layer(i);
-            kernels::attention(gpu, &mut bufs.attn, &mut bufs.partials, &bufs.q, &k, &v, &rows, bufs.splits)?;
+            kernels::attention(gpu, &mut bufs.attn, &mut bufs.partials, &mut bufs.counters, &bufs.q, &k, &v, &rows, bufs.splits)?;
             kernels::linear(gpu, &mut bufs.x, &bufs.attn, &layer.o, (m, HIDDEN, Q_WIDTH), Epilogue::AddResidual)?;
-            kernels::rmsnorm(gpu, &mut bufs.h, &bufs.x, &layer.post_norm, m, HIDDEN, c.rms_eps)?;
-            kernels::linear_swiglu(gpu, &mut bufs.act, &bufs.h, &layer.gate_up, (m, 2 * INTERMEDIATE, HIDDEN))?;
+            kernels::norm_linear(
+                gpu, &mut bufs.act, &bufs.x, &layer.post_norm, c.rms_eps, &layer.gate_up, &mut bufs.h, (m, 2 * INTERMEDIATE, HIDDEN), NormEpilogue::SwiGlu,
+            )?;
             kernels::linear(gpu, &mut bufs.x, &bufs.act, &layer.down, (m, HIDDEN, INTERMEDIATE), Epilogue::AddResidual)?;
         }
         Ok(())
@@ -94,7 +98,6 @@ impl Forward {
     pub fn logits(&self, bufs: &mut StepBuffers, first: usize, m: usize, logits: &mut impl DevicePtrMut<f32>) -> Result<()> {
         let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
         let x_rows = bufs.x.slice(first * HIDDEN..(first + m) * HIDDEN);
-        kernels::rmsnorm(gpu, &mut bufs.h, &x_rows, &w.final_norm, m, HIDDEN, c.rms_eps)?;
-        kernels::linear(gpu, logits, &bufs.h, w.lm_head(), (m, c.vocab, HIDDEN), Epilogue::Store)
+        kernels::norm_linear(gpu, logits, &x_rows, &w.final_norm, c.rms_eps, w.lm_head(), &mut bufs.h, (m, c.vocab, HIDDEN), NormEpilogue::Store)
     }
 }

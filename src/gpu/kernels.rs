@@ -113,6 +113,48 @@ pub fn linear(
     linear_raw(gpu, pm(gpu, out).cast(), p(gpu, a), p(gpu, w), m, n, k, kind)
 }
 
+/// out f32 [m, n] (= or +=) rmsnorm(x[m, k]) * norm . w[n, k]^T: RMSNorm fused in front of the
+/// product (`scratch` [m, k] bf16 holds the normalized rows when m > 64).
+#[allow(clippy::too_many_arguments)]
+pub fn norm_linear<O>(
+    gpu: &Gpu,
+    out: &mut impl DevicePtrMut<O>,
+    x: &impl DevicePtr<f32>,
+    norm: &impl DevicePtr<u16>,
+    eps: f32,
+    w: &impl DevicePtr<u16>,
+    scratch: &mut impl DevicePtrMut<u16>,
+    (m, n, k): (usize, usize, usize),
+    epilogue: NormEpilogue,
+) -> Result<()> {
+    let out_len = match epilogue {
+        NormEpilogue::Store => m * n,
+        NormEpilogue::SwiGlu => m * n / 2,
+    };
+    fits(out, out_len, "norm_linear out")?;
+    fits(x, m * k, "norm_linear x")?;
+    fits(norm, k, "norm_linear norm")?;
+    fits(w, n * k, "norm_linear w")?;
+    fits(scratch, m * k, "norm_linear scratch")?;
+    let kind = match epilogue {
+        NormEpilogue::Store => ffi::bi_epilogue_BI_EPILOGUE_STORE_F32,
+        NormEpilogue::SwiGlu => ffi::bi_epilogue_BI_EPILOGUE_SWIGLU,
+    };
+    let (mi, ni, ki) = (dim(m, "m")?, dim(n, "n")?, dim(k, "k")?);
+    // SAFETY: every buffer was checked against m, n and k above; pointers are live device memory.
+    let code = unsafe {
+        ffi::bi_norm_linear(pm(gpu, out).cast(), p(gpu, x), p(gpu, norm), eps, p(gpu, w), pm(gpu, scratch), mi, ni, ki, kind, gpu.raw_stream())
+    };
+    check(code, "bi_norm_linear")
+}
+
+/// What `norm_linear` writes: f32 [m, n] (`out` holds f32), or the SwiGLU of interleaved
+/// gate/up rows as bf16 [m, n / 2] (`out` holds u16 bits).
+pub enum NormEpilogue {
+    Store,
+    SwiGlu,
+}
+
 /// out bf16 [m, n/2] = silu(h . gate^T) * (h . up^T), with w [n, k] interleaving gate and up rows.
 pub fn linear_swiglu(
     gpu: &Gpu,
@@ -191,6 +233,7 @@ pub fn attention<P: DevicePtr<i32>>(
     gpu: &Gpu,
     out: &mut impl DevicePtrMut<u16>,
     partials: &mut impl DevicePtrMut<f32>,
+    counters: &mut impl DevicePtrMut<i32>,
     q: &impl DevicePtr<u16>,
     k_cache: &impl DevicePtr<u16>,
     v_cache: &impl DevicePtr<u16>,
@@ -201,11 +244,12 @@ pub fn attention<P: DevicePtr<i32>>(
     fits(out, rows.m * Q_WIDTH, "attention out")?;
     fits(partials, rows.m * Q_HEADS * splits * PARTIAL_FLOATS, "attention partials")?;
     fits(q, rows.m * Q_WIDTH, "attention q")?;
+    fits(counters, rows.m * KV_HEADS, "attention counters")?;
     let (m, max_blocks, s) = (dim(rows.m, "m")?, dim(rows.max_blocks, "max_blocks")?, dim(splits, "splits")?);
     // SAFETY: lengths checked above; block ids come from the host allocator; pointers are live.
     let code = unsafe {
         ffi::bi_attention(
-            pm(gpu, out), pm(gpu, partials), p(gpu, q), p(gpu, k_cache), p(gpu, v_cache), p(gpu, rows.positions),
+            pm(gpu, out), pm(gpu, partials), pm(gpu, counters), p(gpu, q), p(gpu, k_cache), p(gpu, v_cache), p(gpu, rows.positions),
             p(gpu, rows.row_seq), p(gpu, rows.block_tables), m, max_blocks, s, gpu.raw_stream(),
         )
     };
