@@ -96,6 +96,8 @@ fn compile_kernels(nvcc: &Path, include: &Path) {
         .flag("-O3")
         .flag("-lineinfo")
         .flag("--expt-relaxed-constexpr")
+        // Every binary embeds the kernels; compressed, the GPU bundle stays small.
+        .flag("--compress-mode=size")
         .flag("-Xcompiler=-Wall")
         .warnings(false)
         .files(&sources);
