@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session over the bundle (run from the repository root with dist/ carried):
 # the GPU tests, the transformers parity check, the decode benchmark and a CLI run, each logged
-# under $OUT, with a short summary last. Usage: scripts/device-run.sh [tests|parity|bench|cli]...
+# under $OUT, with a short summary last. Usage: scripts/device-run.sh [tests|parity|bench|sanitizer|cli]...
 set -uo pipefail
 out=${OUT:-/tmp/braidinfer-out}
 mkdir -p "$out"
@@ -17,6 +17,11 @@ for step in $steps; do
                 tail -n 8 "$out/parity.log"; summary+=("$(tail -n 1 "$out/parity.log")") ;;
         bench) dist/benches/decode --json "$out/decode.json" 2>&1 | tee "$out/decode.txt"
                summary+=("$(grep -E '^ +1024 ' "$out/decode.txt" | sed 's/^/decode ctx /')") ;;
+        sanitizer) for tool in memcheck racecheck synccheck; do
+                       compute-sanitizer --tool $tool --error-exitcode 9 dist/braidinfer --synthetic --layers 2 \
+                           --prompt "Hello there" --max-tokens 4 --temperature 0.7 >"$out/sanitizer-$tool.txt" 2>&1
+                       summary+=("compute-sanitizer $tool on a 2-layer prefill + graph decode: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer-$tool.txt" | tail -n 1))")
+                   done ;;
         cli) dist/braidinfer --synthetic --prompt "Write a haiku about GPUs." --max-tokens 48 --stats 2>&1 | tee "$out/cli.txt"
              summary+=("$(tail -n 1 "$out/cli.txt")") ;;
     esac

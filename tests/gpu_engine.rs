@@ -53,14 +53,14 @@ fn gpu_engine_matches_the_cpu_reference() {
         .unwrap()
         .unwrap();
     let (mut cache, mut f32_cache) = (cpu.new_cache(), f32_cpu.new_cache());
-    let (mut worst, mut worst_f32): (f64, f64) = (0.0, 0.0);
+    // Per position: the GPU's error against f32, and the bf16-activation oracle's own error.
+    let mut errors = Errors::default();
     let mut reference = Vec::new();
     for (i, &token) in prompt.iter().enumerate() {
         reference = cpu.forward(token, &mut cache).unwrap();
         let ours = &prompt_logits[i * config.vocab..(i + 1) * config.vocab];
         common::assert_all_finite(ours, "prefill logits");
-        worst = worst.max(common::rel_l2(ours, &reference));
-        worst_f32 = worst_f32.max(common::rel_l2(ours, &f32_cpu.forward(token, &mut f32_cache).unwrap()));
+        errors.add(ours, &reference, &f32_cpu.forward(token, &mut f32_cache).unwrap());
     }
     let mut mismatches = 0;
     for step in 0..30 {
@@ -72,15 +72,38 @@ fn gpu_engine_matches_the_cpu_reference() {
         }
         engine.step_eager().unwrap();
         let ours = engine.gpu().download(engine.logits()).unwrap();
+        common::assert_all_finite(&ours[..config.vocab], "decode logits");
         reference = cpu.forward(token, &mut cache).unwrap();
-        worst = worst.max(common::rel_l2(&ours, &reference));
-        worst_f32 = worst_f32.max(common::rel_l2(&ours, &f32_cpu.forward(token, &mut f32_cache).unwrap()));
+        errors.add(&ours[..config.vocab], &reference, &f32_cpu.forward(token, &mut f32_cache).unwrap());
     }
     eprintln!(
-        "worst relative L2 error of logits: {worst:.2e} against the bf16-activation reference, \
-         {worst_f32:.2e} against f32; near-tie mismatches: {mismatches}"
+        "worst relative L2 error of logits against f32: GPU {:.2e}, bf16-activation reference {:.2e}; \
+         GPU against that reference {:.2e}; near-tie greedy mismatches: {mismatches}",
+        errors.gpu_vs_f32, errors.oracle_vs_f32, errors.gpu_vs_oracle
     );
-    assert!(worst < 5e-3, "relative L2 error of logits {worst:.2e} against the bf16-activation reference");
+    // Same rounding points as the oracle, other summation orders: no worse than 1.5x the error
+    // that bf16 activations cause by themselves (the bar the transformers parity check uses).
+    assert!(
+        errors.gpu_vs_f32 <= 1.5 * errors.oracle_vs_f32,
+        "GPU error {:.2e} against f32 exceeds 1.5x the bf16-activation reference's {:.2e}",
+        errors.gpu_vs_f32,
+        errors.oracle_vs_f32
+    );
+}
+
+#[derive(Default)]
+struct Errors {
+    gpu_vs_f32: f64,
+    oracle_vs_f32: f64,
+    gpu_vs_oracle: f64,
+}
+
+impl Errors {
+    fn add(&mut self, gpu: &[f32], oracle: &[f32], f32_reference: &[f32]) {
+        self.gpu_vs_f32 = self.gpu_vs_f32.max(common::rel_l2(gpu, f32_reference));
+        self.oracle_vs_f32 = self.oracle_vs_f32.max(common::rel_l2(oracle, f32_reference));
+        self.gpu_vs_oracle = self.gpu_vs_oracle.max(common::rel_l2(gpu, oracle));
+    }
 }
 
 #[test]
