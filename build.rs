@@ -51,8 +51,8 @@ fn find_cuda_home() -> Option<PathBuf> {
     if let Some(home) = on_path.filter(|home| has_nvcc(home)) {
         return Some(home);
     }
-    let project = PathBuf::from(env::var("CARGO_MANIFEST_DIR").ok()?)
-        .join(".toolchain/cuda/nvidia/cu13");
+    let project =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").ok()?).join(".toolchain/cuda/nvidia/cu13");
     has_nvcc(&project).then_some(project)
 }
 

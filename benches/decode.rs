@@ -54,20 +54,40 @@ fn run(args: Args) -> Result<()> {
     let copy = copy_bandwidth(&gpu)?;
     let config = ModelConfig::qwen3_0_6b();
     let weights = synthetic_weights(&config, 0);
-    let longest = args.contexts.iter().copied().max().unwrap_or(0).max(args.prefill_tokens) + 16;
-    let options = EngineOptions { kv_cache_bytes: Some(longest * bytes_per_position(config.layers)), ..Default::default() };
+    let longest = args
+        .contexts
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(args.prefill_tokens)
+        + 16;
+    let options = EngineOptions {
+        kv_cache_bytes: Some(longest * bytes_per_position(config.layers)),
+        ..Default::default()
+    };
     let mut engine = Engine::new(gpu, &config, &weights, &options)?;
     let nodes = engine.capture()?;
     let weight_bytes = engine.weight_bytes_per_step() as f64;
     let mut rng = SplitMix64::new(1);
-    let mut prompt = |len: usize| -> Vec<u32> { (0..len).map(|_| (rng.next_u64() % 151_000) as u32).collect() };
+    let mut prompt = |len: usize| -> Vec<u32> {
+        (0..len)
+            .map(|_| (rng.next_u64() % 151_000) as u32)
+            .collect()
+    };
 
     let mut rows = Vec::new();
     for &context in &args.contexts {
         engine.start_sequence(0, &prompt(context), 8, &SamplingParams::greedy(), 0, false)?;
         let position = [context as i32];
         let timer = Timer::new(engine.gpu())?;
-        let ms = timer.median_ms(20, args.runs, &mut engine, |e| e.set_positions(&position), |e| e.step())?;
+        let ms = timer.median_ms(
+            20,
+            args.runs,
+            &mut engine,
+            |e| e.set_positions(&position),
+            |e| e.step(),
+        )?;
         let kv_read = (context + 1) as f64 * bytes_per_position(config.layers) as f64;
         let kv_written = bytes_per_position(config.layers) as f64;
         let bytes = weight_bytes + kv_read + kv_written;
@@ -91,16 +111,27 @@ fn run(args: Args) -> Result<()> {
 
     println!("device: {device}; copy bandwidth {:.0} GB/s (read + write); decode graph {nodes} kernel nodes", copy / 1e9);
     println!("weights streamed per step: {:.1} MB", weight_bytes / 1e6);
-    println!("{:>8} {:>10} {:>10} {:>12} {:>10} {:>8}", "context", "step ms", "tok/s", "MB/step", "GB/s", "of copy");
+    println!(
+        "{:>8} {:>10} {:>10} {:>12} {:>10} {:>8}",
+        "context", "step ms", "tok/s", "MB/step", "GB/s", "of copy"
+    );
     for r in &rows {
         println!(
             "{:>8} {:>10.4} {:>10.1} {:>12.1} {:>10.0} {:>7.1}%",
-            r["context"], r["step_ms"].as_f64().unwrap(), r["tokens_per_s"].as_f64().unwrap(),
-            r["bytes_per_step"].as_f64().unwrap() / 1e6, r["bandwidth_gb_s"].as_f64().unwrap(),
+            r["context"],
+            r["step_ms"].as_f64().unwrap(),
+            r["tokens_per_s"].as_f64().unwrap(),
+            r["bytes_per_step"].as_f64().unwrap() / 1e6,
+            r["bandwidth_gb_s"].as_f64().unwrap(),
             100.0 * r["fraction_of_copy"].as_f64().unwrap()
         );
     }
-    println!("prefill: {} tokens in {:.1} ms = {:.0} tok/s (median of 5, wall clock)", args.prefill_tokens, prefill_s * 1e3, args.prefill_tokens as f64 / prefill_s);
+    println!(
+        "prefill: {} tokens in {:.1} ms = {:.0} tok/s (median of 5, wall clock)",
+        args.prefill_tokens,
+        prefill_s * 1e3,
+        args.prefill_tokens as f64 / prefill_s
+    );
     if let Some(path) = args.json {
         let report = serde_json::json!({
             "device": device, "copy_bandwidth_gb_s": copy / 1e9, "graph_kernel_nodes": nodes,

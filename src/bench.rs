@@ -27,8 +27,15 @@ pub struct Timer {
 
 impl Timer {
     pub fn new(gpu: &Gpu) -> Result<Self> {
-        let event = |ctx: &Arc<CudaContext>| ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).context("creating a CUDA event");
-        Ok(Self { start: event(&gpu.ctx)?, end: event(&gpu.ctx)?, stream: gpu.stream.clone() })
+        let event = |ctx: &Arc<CudaContext>| {
+            ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .context("creating a CUDA event")
+        };
+        Ok(Self {
+            start: event(&gpu.ctx)?,
+            end: event(&gpu.ctx)?,
+            stream: gpu.stream.clone(),
+        })
     }
 
     /// Median milliseconds of `op(state)` over `runs` runs after `warmup`, each between two
@@ -62,6 +69,12 @@ pub fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
     const BYTES: usize = 1 << 30;
     let src = gpu.alloc::<u8>(BYTES)?;
     let mut dst = gpu.alloc::<u8>(BYTES)?;
-    let ms = Timer::new(gpu)?.median_ms(3, 20, &mut dst, |_| Ok(()), |dst| gpu.stream.memcpy_dtod(&src, dst).context("copying"))?;
+    let ms = Timer::new(gpu)?.median_ms(
+        3,
+        20,
+        &mut dst,
+        |_| Ok(()),
+        |dst| gpu.stream.memcpy_dtod(&src, dst).context("copying"),
+    )?;
     Ok(2.0 * BYTES as f64 / (ms * 1e-3))
 }

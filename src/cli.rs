@@ -125,26 +125,41 @@ fn validate(args: &Args) -> Result<Validated> {
     ensure!(args.max_tokens > 0, "--max-tokens must be at least 1");
     ensure!(args.layers > 0, "--layers must be at least 1");
     if let Some(t) = args.temperature {
-        ensure!(t.is_finite() && t >= 0.0, "--temperature must be >= 0 (0 = greedy), got {t}");
+        ensure!(
+            t.is_finite() && t >= 0.0,
+            "--temperature must be >= 0 (0 = greedy), got {t}"
+        );
     }
     if let Some(p) = args.top_p {
         ensure!(p > 0.0 && p <= 1.0, "--top-p must be in (0, 1], got {p}");
     }
     if let Some(gb) = args.kv_cache_gb {
-        ensure!(gb.is_finite() && gb > 0.0, "--kv-cache-gb must be positive, got {gb}");
+        ensure!(
+            gb.is_finite() && gb > 0.0,
+            "--kv-cache-gb must be positive, got {gb}"
+        );
     }
     if let Some(k) = args.top_k {
-        ensure!((1..=MAX_TOP_K).contains(&k), "--top-k must be between 1 and {MAX_TOP_K}, got {k}");
+        ensure!(
+            (1..=MAX_TOP_K).contains(&k),
+            "--top-k must be between 1 and {MAX_TOP_K}, got {k}"
+        );
     }
     let saving = args.save_synthetic.is_some();
-    ensure!(!saving || args.synthetic, "--save-synthetic needs --synthetic");
+    ensure!(
+        !saving || args.synthetic,
+        "--save-synthetic needs --synthetic"
+    );
     let prompt = match &args.prompt {
         Some(p) if p.trim().is_empty() => anyhow::bail!("the prompt is empty"),
         Some(p) => Some(p.clone()),
         None if saving => None,
         None => anyhow::bail!("--prompt is required (see --help)"),
     };
-    Ok(Validated { prompt, max_tokens: args.max_tokens })
+    Ok(Validated {
+        prompt,
+        max_tokens: args.max_tokens,
+    })
 }
 
 fn load(args: &Args) -> Result<Model> {
@@ -153,7 +168,10 @@ fn load(args: &Args) -> Result<Model> {
             Some(dir) => dir.clone(),
             None => default_tokenizer_dir()?,
         };
-        let config = ModelConfig { layers: args.layers, ..ModelConfig::qwen3_0_6b() };
+        let config = ModelConfig {
+            layers: args.layers,
+            ..ModelConfig::qwen3_0_6b()
+        };
         return Model::synthetic(config, args.weights_seed, &tokenizer_dir);
     }
     Model::load(&resolve_model(&args.model)?)
@@ -174,7 +192,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     let params = SamplingParams {
         temperature: args.temperature.unwrap_or(model.generation.temperature),
-        top_k: args.top_k.unwrap_or(model.generation.top_k.clamp(1, MAX_TOP_K)),
+        top_k: args
+            .top_k
+            .unwrap_or(model.generation.top_k.clamp(1, MAX_TOP_K)),
         top_p: args.top_p.unwrap_or(model.generation.top_p),
         seed: args.seed,
     };
@@ -193,13 +213,19 @@ pub fn run(args: Args) -> Result<()> {
             engine.capture()?;
             let mut decoder = GpuDecoder::new(engine, params, validated.max_tokens)?;
             check_prompt_fits(prompt.len(), decoder.context_limit())?;
-            (label, stream_answer(&model, &mut decoder, &prompt, validated.max_tokens)?)
+            (
+                label,
+                stream_answer(&model, &mut decoder, &prompt, validated.max_tokens)?,
+            )
         }
         None => {
             let cpu = CpuModel::new(&model.config, &model.weights);
             let mut decoder = CpuDecoder::new(&cpu, params);
             check_prompt_fits(prompt.len(), decoder.context_limit())?;
-            ("CPU reference".to_string(), stream_answer(&model, &mut decoder, &prompt, validated.max_tokens)?)
+            (
+                "CPU reference".to_string(),
+                stream_answer(&model, &mut decoder, &prompt, validated.max_tokens)?,
+            )
         }
     };
     if args.stats {
@@ -228,25 +254,43 @@ fn prompt_ids(model: &Model, prompt: &str, raw: bool, no_think: bool) -> Result<
         prompt.to_string()
     } else {
         let thinking = if no_think { Some(false) } else { None };
-        model.tokenizer.apply_chat_template(&[ChatMessage::new("user", prompt)], thinking)?
+        model
+            .tokenizer
+            .apply_chat_template(&[ChatMessage::new("user", prompt)], thinking)?
     };
     let ids = model.tokenizer.encode(&text)?;
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= model.config.vocab) {
-        anyhow::bail!("the tokenizer produced id {bad}, outside the model's vocabulary of {}", model.config.vocab);
+        anyhow::bail!(
+            "the tokenizer produced id {bad}, outside the model's vocabulary of {}",
+            model.config.vocab
+        );
     }
     Ok(ids)
 }
 
-fn stream_answer(model: &Model, decoder: &mut dyn Decoder, prompt: &[u32], max_tokens: usize) -> Result<GenerationStats> {
+fn stream_answer(
+    model: &Model,
+    decoder: &mut dyn Decoder,
+    prompt: &[u32],
+    max_tokens: usize,
+) -> Result<GenerationStats> {
     let mut text = StreamDecoder::new(&model.tokenizer);
     let mut stdout = std::io::stdout().lock();
-    let stats = generate(decoder, prompt, max_tokens, &model.generation.eos_tokens, |token| {
-        if let Some(piece) = text.push(token)? {
-            stdout.write_all(piece.as_bytes()).context("writing to stdout")?;
-            stdout.flush().context("writing to stdout")?;
-        }
-        Ok(())
-    })?;
+    let stats = generate(
+        decoder,
+        prompt,
+        max_tokens,
+        &model.generation.eos_tokens,
+        |token| {
+            if let Some(piece) = text.push(token)? {
+                stdout
+                    .write_all(piece.as_bytes())
+                    .context("writing to stdout")?;
+                stdout.flush().context("writing to stdout")?;
+            }
+            Ok(())
+        },
+    )?;
     let rest = text.finish()?;
     writeln!(stdout, "{rest}").context("writing to stdout")?;
     Ok(stats)
@@ -261,6 +305,10 @@ fn print_stats(stats: &GenerationStats, backend: &str) {
         stats.time_to_first_token.as_secs_f64() * 1e3,
         stats.generated_tokens,
         stats.decode_tokens_per_second(),
-        if stats.stopped_on_eos { " (stopped at end of turn)" } else { "" }
+        if stats.stopped_on_eos {
+            " (stopped at end of turn)"
+        } else {
+            ""
+        }
     );
 }

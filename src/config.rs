@@ -53,8 +53,8 @@ impl ModelConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_json(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
@@ -147,7 +147,10 @@ impl RawConfig {
             self.architectures
         );
         if let Some(act) = &self.hidden_act {
-            ensure!(act == "silu", "config.json: hidden_act must be \"silu\", found {act:?}");
+            ensure!(
+                act == "silu",
+                "config.json: hidden_act must be \"silu\", found {act:?}"
+            );
         }
         ensure!(
             self.attention_bias != Some(true),
@@ -158,11 +161,17 @@ impl RawConfig {
             "config.json: use_sliding_window = true is not supported"
         );
         if let Some(scaling) = &self.rope_scaling {
-            ensure!(scaling.is_null(), "config.json: rope_scaling {scaling} is not supported");
+            ensure!(
+                scaling.is_null(),
+                "config.json: rope_scaling {scaling} is not supported"
+            );
         }
         let nested = self.rope_parameters.as_ref();
         if let Some(kind) = nested.and_then(|p| p.rope_type.as_deref()) {
-            ensure!(kind == "default", "config.json: rope_parameters.rope_type {kind:?} is not supported");
+            ensure!(
+                kind == "default",
+                "config.json: rope_parameters.rope_type {kind:?} is not supported"
+            );
         }
         let rope_theta = self
             .rope_theta
@@ -181,8 +190,13 @@ impl RawConfig {
             q_heads % kv_heads == 0,
             "config.json: num_attention_heads ({q_heads}) must be a multiple of num_key_value_heads ({kv_heads})"
         );
-        ensure!(head_dim % 2 == 0, "config.json: head_dim must be even for rotary embeddings, found {head_dim}");
-        let rms_eps = self.rms_norm_eps.context("config.json: missing field rms_norm_eps")?;
+        ensure!(
+            head_dim % 2 == 0,
+            "config.json: head_dim must be even for rotary embeddings, found {head_dim}"
+        );
+        let rms_eps = self
+            .rms_norm_eps
+            .context("config.json: missing field rms_norm_eps")?;
         ensure!(rms_eps > 0.0, "config.json: rms_norm_eps must be positive");
         Ok(ModelConfig {
             hidden,
@@ -212,7 +226,12 @@ pub struct GenerationConfig {
 impl Default for GenerationConfig {
     /// Qwen3's published defaults.
     fn default() -> Self {
-        Self { temperature: 0.6, top_k: 20, top_p: 0.95, eos_tokens: vec![IM_END_TOKEN, ENDOFTEXT_TOKEN] }
+        Self {
+            temperature: 0.6,
+            top_k: 20,
+            top_p: 0.95,
+            eos_tokens: vec![IM_END_TOKEN, ENDOFTEXT_TOKEN],
+        }
     }
 }
 
@@ -238,8 +257,8 @@ impl GenerationConfig {
         if !path.exists() {
             return Ok(Self::default());
         }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_json(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
@@ -254,7 +273,11 @@ impl GenerationConfig {
             _ => default.eos_tokens,
         };
         Ok(Self {
-            temperature: if greedy { 0.0 } else { raw.temperature.unwrap_or(default.temperature) },
+            temperature: if greedy {
+                0.0
+            } else {
+                raw.temperature.unwrap_or(default.temperature)
+            },
             top_k: raw.top_k.unwrap_or(default.top_k),
             top_p: raw.top_p.unwrap_or(default.top_p),
             eos_tokens,

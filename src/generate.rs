@@ -60,7 +60,10 @@ pub fn generate(
     ensure!(max_tokens > 0, "max-tokens must be at least 1");
     check_prompt_fits(prompt.len(), decoder.context_limit())?;
     let budget = max_tokens.min(decoder.context_limit() - prompt.len());
-    let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
+    let mut stats = GenerationStats {
+        prompt_tokens: prompt.len(),
+        ..Default::default()
+    };
     let started = Instant::now();
     let mut token = decoder.start(prompt)?;
     stats.time_to_first_token = started.elapsed();
@@ -92,7 +95,13 @@ pub struct CpuDecoder<'a> {
 
 impl<'a> CpuDecoder<'a> {
     pub fn new(model: &'a CpuModel, params: SamplingParams) -> Self {
-        Self { model, cache: model.new_cache(), params, last: 0, step: 0 }
+        Self {
+            model,
+            cache: model.new_cache(),
+            params,
+            last: 0,
+            step: 0,
+        }
     }
 
     fn pick(&mut self, logits: &[f32]) -> u32 {

@@ -7,7 +7,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 
 /// Files a model directory must hold (generation_config.json is optional).
-const REQUIRED_FILES: [&str; 4] = ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"];
+const REQUIRED_FILES: [&str; 4] = [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "model.safetensors",
+];
 const OPTIONAL_FILES: [&str; 1] = ["generation_config.json"];
 
 /// `spec` is a local directory or a repo id such as `Qwen/Qwen3-0.6B`; returns the directory.
@@ -39,15 +44,22 @@ fn resolve_repo(repo_id: &str) -> Result<PathBuf> {
     if std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| v != "0") {
         bail!("model {repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {how_to_get}");
     }
-    let api = match hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build() {
+    let api = match hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+    {
         Ok(api) => api.model(repo_id.to_string()),
-        Err(e) => bail!("model {repo_id} is not cached and the Hugging Face client failed ({e}): {how_to_get}"),
+        Err(e) => bail!(
+            "model {repo_id} is not cached and the Hugging Face client failed ({e}): {how_to_get}"
+        ),
     };
     let mut config_path = None;
     for file in REQUIRED_FILES {
         match api.get(file) {
             Ok(path) => config_path = config_path.or(Some(path)),
-            Err(e) => bail!("model {repo_id}: could not download {file} ({e}); offline? {how_to_get}"),
+            Err(e) => {
+                bail!("model {repo_id}: could not download {file} ({e}); offline? {how_to_get}")
+            }
         }
     }
     for file in OPTIONAL_FILES {
@@ -72,15 +84,25 @@ pub fn default_tokenizer_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("BRAIDINFER_TOKENIZER_DIR") {
         candidates.push(PathBuf::from(dir));
     }
-    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         candidates.push(exe_dir.join("qwen3-0.6b"));
     }
     candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/qwen3-0.6b"));
-    match candidates.iter().find(|dir| dir.join("tokenizer.json").is_file()) {
+    match candidates
+        .iter()
+        .find(|dir| dir.join("tokenizer.json").is_file())
+    {
         Some(dir) => Ok(dir.clone()),
         None => bail!(
             "no Qwen3 tokenizer found for --synthetic (looked in {}); pass --tokenizer DIR",
-            candidates.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            candidates
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }

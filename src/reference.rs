@@ -44,7 +44,7 @@ pub struct CpuModel {
     /// Round activations to bf16 where the CUDA kernels store them (norm outputs, q/k/v,
     /// attention output, SwiGLU output); the residual stream stays f32. Off: all f32.
     bf16_activations: bool,
-    embed: Vec<f32>,           // [vocab, hidden]
+    embed: Vec<f32>, // [vocab, hidden]
     layers: Vec<CpuLayer>,
     final_norm: Vec<f32>,      // [hidden]
     lm_head: Option<Vec<f32>>, // [vocab, hidden]; None: tied to embed
@@ -88,7 +88,9 @@ impl CpuModel {
 
     fn stored(&self, mut values: Vec<f32>) -> Vec<f32> {
         if self.bf16_activations {
-            values.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+            values
+                .iter_mut()
+                .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
         }
         values
     }
@@ -98,14 +100,26 @@ impl CpuModel {
     }
 
     pub fn new_cache(&self) -> CpuCache {
-        CpuCache { keys: vec![Vec::new(); self.config.layers], values: vec![Vec::new(); self.config.layers], len: 0 }
+        CpuCache {
+            keys: vec![Vec::new(); self.config.layers],
+            values: vec![Vec::new(); self.config.layers],
+            len: 0,
+        }
     }
 
     /// Runs `token` at position `cache.len()`, appends its K/V, returns the logits [vocab].
     pub fn forward(&self, token: u32, cache: &mut CpuCache) -> Result<Vec<f32>> {
         let c = &self.config;
-        ensure!((token as usize) < c.vocab, "token id {token} is outside the vocabulary ({})", c.vocab);
-        ensure!(cache.len < c.max_positions, "position {} is past max_position_embeddings", cache.len);
+        ensure!(
+            (token as usize) < c.vocab,
+            "token id {token} is outside the vocabulary ({})",
+            c.vocab
+        );
+        ensure!(
+            cache.len < c.max_positions,
+            "position {} is past max_position_embeddings",
+            cache.len
+        );
         let position = cache.len;
         let row = token as usize * c.hidden;
         let mut x = self.embed[row..row + c.hidden].to_vec(); // [hidden] residual stream
@@ -203,7 +217,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[j] += ca[j] * cb[j];
         }
     }
-    let tail: f32 = a[chunks..].iter().zip(&b[chunks..]).map(|(x, y)| x * y).sum();
+    let tail: f32 = a[chunks..]
+        .iter()
+        .zip(&b[chunks..])
+        .map(|(x, y)| x * y)
+        .sum();
     acc.iter().sum::<f32>() + tail
 }
 

@@ -23,7 +23,12 @@ pub struct SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 1,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 
     /// Checks the ranges; every entry point calls this before generating.
@@ -64,7 +69,11 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// The `k` largest logits as (id, logit), in decreasing order, lower id first on ties.
 pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut order: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+    let mut order: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i as u32, v))
+        .collect();
     let k = k.min(order.len());
     let by_rank = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if k < order.len() {
@@ -79,7 +88,10 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 pub fn candidates(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
     let kept = top_k(logits, params.top_k);
     let max = kept[0].1;
-    let weights: Vec<f32> = kept.iter().map(|&(_, v)| ((v - max) / params.temperature).exp()).collect();
+    let weights: Vec<f32> = kept
+        .iter()
+        .map(|&(_, v)| ((v - max) / params.temperature).exp())
+        .collect();
     let total: f32 = weights.iter().sum();
     let mut cumulative = 0.0;
     let mut out = Vec::new();

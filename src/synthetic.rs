@@ -13,7 +13,11 @@ use crate::rng::SplitMix64;
 use crate::weights::{HostTensor, LayerWeights, ModelWeights};
 
 /// The files of the tokenizer and chat template that a model directory carries.
-pub const TOKENIZER_FILES: [&str; 3] = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"];
+pub const TOKENIZER_FILES: [&str; 3] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+];
 
 /// Every tensor draws from its own stream, so tensors can be made in parallel, reproducibly.
 fn stream(seed: u64, tensor: u64) -> SplitMix64 {
@@ -24,12 +28,22 @@ fn stream(seed: u64, tensor: u64) -> SplitMix64 {
 fn linear(seed: u64, tensor: u64, out_features: usize, in_features: usize) -> HostTensor {
     let mut rng = stream(seed, tensor);
     let std = 1.0 / (in_features as f32).sqrt();
-    let data = (0..out_features * in_features).map(|_| bf16::from_f32(rng.centered(std))).collect();
+    let data = (0..out_features * in_features)
+        .map(|_| bf16::from_f32(rng.centered(std)))
+        .collect();
     HostTensor::new(vec![out_features, in_features], data)
 }
 
 /// Norm weights uniform in [lo, hi), with `outliers` entries scaled up to near `outlier`.
-fn norm(seed: u64, tensor: u64, len: usize, lo: f32, hi: f32, outliers: usize, outlier: f32) -> HostTensor {
+fn norm(
+    seed: u64,
+    tensor: u64,
+    len: usize,
+    lo: f32,
+    hi: f32,
+    outliers: usize,
+    outlier: f32,
+) -> HostTensor {
     let mut rng = stream(seed, tensor);
     let mut values: Vec<f32> = (0..len).map(|_| rng.range(lo, hi)).collect();
     for _ in 0..outliers {
@@ -43,7 +57,11 @@ fn layer(config: &ModelConfig, seed: u64, index: usize) -> LayerWeights {
     let (h, inter, hd) = (config.hidden, config.intermediate, config.head_dim);
     let id = |k: u64| 16 * (index as u64 + 1) + k;
     // Layer 0 gets the largest k_norm outliers, as in the real checkpoint (~96 there).
-    let k_outlier = if index == 0 { 96.0 } else { 12.0 + (index % 5) as f32 * 4.0 };
+    let k_outlier = if index == 0 {
+        96.0
+    } else {
+        12.0 + (index % 5) as f32 * 4.0
+    };
     LayerWeights {
         input_norm: norm(seed, id(0), h, 0.6, 1.4, 4, 6.0),
         q_proj: linear(seed, id(1), config.q_width(), h),
@@ -61,7 +79,9 @@ fn layer(config: &ModelConfig, seed: u64, index: usize) -> LayerWeights {
 
 /// Seeded weights for `config`; the same seed gives the same bits.
 pub fn synthetic_weights(config: &ModelConfig, seed: u64) -> ModelWeights {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(config.layers.max(1));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(config.layers.max(1));
     let per_thread = config.layers.div_ceil(threads).max(1);
     let mut layers: Vec<Option<LayerWeights>> = vec![None; config.layers];
     std::thread::scope(|scope| {
@@ -75,17 +95,27 @@ pub fn synthetic_weights(config: &ModelConfig, seed: u64) -> ModelWeights {
         }
     });
     let mut rng = stream(seed, 1);
-    let embed = (0..config.vocab * config.hidden).map(|_| bf16::from_f32(rng.centered(0.04))).collect();
+    let embed = (0..config.vocab * config.hidden)
+        .map(|_| bf16::from_f32(rng.centered(0.04)))
+        .collect();
     ModelWeights {
         embed: HostTensor::new(vec![config.vocab, config.hidden], embed),
-        layers: layers.into_iter().map(|l| l.expect("every layer generated")).collect(),
+        layers: layers
+            .into_iter()
+            .map(|l| l.expect("every layer generated"))
+            .collect(),
         final_norm: norm(seed, 2, config.hidden, 1.5, 3.5, 4, 8.0),
         lm_head: None,
     }
 }
 
 /// Writes `dir/config.json`, `dir/model.safetensors` and the tokenizer files from `tokenizer_dir`.
-pub fn write_model_dir(dir: &Path, config: &ModelConfig, weights: &ModelWeights, tokenizer_dir: &Path) -> Result<()> {
+pub fn write_model_dir(
+    dir: &Path,
+    config: &ModelConfig,
+    weights: &ModelWeights,
+    tokenizer_dir: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let config_json = serde_json::to_string_pretty(&config.to_json())?;
     std::fs::write(dir.join("config.json"), config_json)
@@ -93,7 +123,8 @@ pub fn write_model_dir(dir: &Path, config: &ModelConfig, weights: &ModelWeights,
     weights.save(&dir.join("model.safetensors"))?;
     for file in TOKENIZER_FILES {
         let from = tokenizer_dir.join(file);
-        std::fs::copy(&from, dir.join(file)).with_context(|| format!("copying {}", from.display()))?;
+        std::fs::copy(&from, dir.join(file))
+            .with_context(|| format!("copying {}", from.display()))?;
     }
     Ok(())
 }

@@ -19,7 +19,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.to_string(), content: content.to_string() }
+        Self {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
     }
 }
 
@@ -38,44 +41,70 @@ impl Tokenizer {
                 .with_context(|| format!("reading {}", config_path.display()))?;
             let json: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{}: malformed JSON", config_path.display()))?;
-            json.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
+            json.get("chat_template")
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
         } else {
             None
         };
-        Ok(Self { inner, chat_template })
+        Ok(Self {
+            inner,
+            chat_template,
+        })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| anyhow!("detokenizing: {e}"))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow!("detokenizing: {e}"))
     }
 
     /// The conversation rendered as `apply_chat_template(..., add_generation_prompt=True)` does;
     /// `enable_thinking: Some(false)` is Qwen3's switch for answering without a think block.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], enable_thinking: Option<bool>) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        enable_thinking: Option<bool>,
+    ) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()
             .context("tokenizer_config.json has no chat_template (use --raw)")?;
         let mut env = minijinja::Environment::new();
         // transformers renders with these two settings; the template's whitespace relies on them.
-        let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build()?;
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
-        });
-        env.add_template("chat", template).context("parsing the chat template")?;
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .context("parsing the chat template")?;
         let context = minijinja::context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => true,
             enable_thinking => enable_thinking,
         };
-        env.get_template("chat")?.render(context).context("rendering the chat template")
+        env.get_template("chat")?
+            .render(context)
+            .context("rendering the chat template")
     }
 }
 
@@ -93,13 +122,21 @@ pub struct StreamDecoder<'a> {
 
 impl<'a> StreamDecoder<'a> {
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        Self { tokenizer, ids: Vec::new(), prefix_offset: 0, read_offset: 0, emitted: String::new() }
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            emitted: String::new(),
+        }
     }
 
     /// Adds a token; returns the text that became final, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let prefix = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let prefix = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let text = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
         if text.len() > prefix.len() && !text.ends_with('\u{FFFD}') && text.starts_with(&prefix) {
             let piece = text[prefix.len()..].to_string();

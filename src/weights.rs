@@ -21,7 +21,11 @@ pub struct HostTensor {
 
 impl HostTensor {
     pub fn new(shape: Vec<usize>, data: Vec<bf16>) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape {shape:?} vs data length");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape {shape:?} vs data length"
+        );
         Self { shape, data }
     }
 
@@ -42,7 +46,12 @@ impl View for &HostTensor {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.data.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect())
+        Cow::Owned(
+            self.data
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+        )
     }
     fn data_len(&self) -> usize {
         self.bytes()
@@ -67,10 +76,10 @@ pub struct LayerWeights {
 
 #[derive(Clone, Debug)]
 pub struct ModelWeights {
-    pub embed: HostTensor,            // [vocab, hidden]
+    pub embed: HostTensor, // [vocab, hidden]
     pub layers: Vec<LayerWeights>,
-    pub final_norm: HostTensor,       // [hidden]
-    pub lm_head: Option<HostTensor>,  // [vocab, hidden]; None: tied to `embed`
+    pub final_norm: HostTensor,      // [hidden]
+    pub lm_head: Option<HostTensor>, // [vocab, hidden]; None: tied to `embed`
 }
 
 impl ModelWeights {
@@ -97,8 +106,13 @@ impl ModelWeights {
     pub fn load(dir: &Path, config: &ModelConfig) -> Result<Self> {
         let files = CheckpointFiles::open(dir)?;
         let take = |name: &str, shape: &[usize]| files.tensor(name, shape);
-        let (h, qw, kvw, hd, inter) =
-            (config.hidden, config.q_width(), config.kv_width(), config.head_dim, config.intermediate);
+        let (h, qw, kvw, hd, inter) = (
+            config.hidden,
+            config.q_width(),
+            config.kv_width(),
+            config.head_dim,
+            config.intermediate,
+        );
         let layers = (0..config.layers)
             .map(|i| {
                 let p = |suffix: &str| format!("model.layers.{i}.{suffix}");
@@ -127,12 +141,19 @@ impl ModelWeights {
             );
             None
         };
-        Ok(Self { embed, layers, final_norm: take("model.norm.weight", &[h])?, lm_head })
+        Ok(Self {
+            embed,
+            layers,
+            final_norm: take("model.norm.weight", &[h])?,
+            lm_head,
+        })
     }
 
     /// Writes one `model.safetensors` that transformers and [`ModelWeights::load`] read.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let metadata = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        let metadata = [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect();
         safetensors::serialize_to_file(self.named_tensors(), Some(metadata), path)
             .with_context(|| format!("writing {}", path.display()))
     }
@@ -172,7 +193,10 @@ impl CheckpointFiles {
         } else if index.is_file() {
             shard_paths(&index)?
         } else {
-            bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
+            bail!(
+                "{}: no model.safetensors or model.safetensors.index.json",
+                dir.display()
+            );
         };
         let mut maps = Vec::new();
         let mut location = BTreeMap::new();
@@ -183,7 +207,10 @@ impl CheckpointFiles {
             let map = unsafe { memmap2::Mmap::map(&file) }
                 .with_context(|| format!("mapping {}", path.display()))?;
             let tensors = SafeTensors::deserialize(&map).map_err(|e| {
-                anyhow::anyhow!("{}: truncated or corrupt safetensors file ({e})", path.display())
+                anyhow::anyhow!(
+                    "{}: truncated or corrupt safetensors file ({e})",
+                    path.display()
+                )
             })?;
             for name in tensors.names() {
                 location.insert(name.to_string(), maps.len());
@@ -211,7 +238,11 @@ impl CheckpointFiles {
             .tensor(name)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
             .with_context(context)?;
-        ensure!(view.dtype() == Dtype::BF16, "loading {name}: dtype {:?}, expected BF16", view.dtype());
+        ensure!(
+            view.dtype() == Dtype::BF16,
+            "loading {name}: dtype {:?}, expected BF16",
+            view.dtype()
+        );
         ensure!(
             view.shape() == expected_shape,
             "loading {name}: shape {:?}, expected {:?}",
@@ -228,7 +259,8 @@ impl CheckpointFiles {
 }
 
 fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).with_context(|| format!("reading {}", index.display()))?;
+    let text =
+        std::fs::read_to_string(index).with_context(|| format!("reading {}", index.display()))?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: malformed JSON", index.display()))?;
     let map = json

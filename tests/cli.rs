@@ -30,10 +30,23 @@ fn braidinfer(args: &[&str]) -> Outcome {
 fn assert_fails_with(args: &[&str], needle: &str) {
     let out = braidinfer(args);
     assert_ne!(out.code, 0, "{args:?} should fail; stdout {}", out.stdout);
-    assert!(!out.stderr.contains("panicked"), "{args:?} panicked: {}", out.stderr);
+    assert!(
+        !out.stderr.contains("panicked"),
+        "{args:?} panicked: {}",
+        out.stderr
+    );
     let lines: Vec<&str> = out.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one error line, got {}", out.stderr);
-    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{args:?}: {}", lines[0]);
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: expected one error line, got {}",
+        out.stderr
+    );
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "{args:?}: {}",
+        lines[0]
+    );
 }
 
 fn dir_arg(dir: &Path) -> String {
@@ -42,12 +55,18 @@ fn dir_arg(dir: &Path) -> String {
 
 #[test]
 fn missing_model_directory() {
-    assert_fails_with(&["--model", "/definitely/not/here", "--prompt", "hi"], "does not exist");
+    assert_fails_with(
+        &["--model", "/definitely/not/here", "--prompt", "hi"],
+        "does not exist",
+    );
 }
 
 #[test]
 fn uncached_repo_while_offline_says_how_to_get_it() {
-    assert_fails_with(&["--model", "Qwen/Qwen3-0.6B", "--prompt", "hi"], "huggingface-cli download");
+    assert_fails_with(
+        &["--model", "Qwen/Qwen3-0.6B", "--prompt", "hi"],
+        "huggingface-cli download",
+    );
 }
 
 #[test]
@@ -58,7 +77,10 @@ fn bad_sampling_and_length_arguments() {
     assert_fails_with(&with(&["--top-p", "0"]), "--top-p must be in (0, 1]");
     assert_fails_with(&with(&["--top-p", "1.5"]), "--top-p must be in (0, 1]");
     assert_fails_with(&with(&["--top-k", "0"]), "--top-k must be between 1 and 64");
-    assert_fails_with(&with(&["--max-tokens", "0"]), "--max-tokens must be at least 1");
+    assert_fails_with(
+        &with(&["--max-tokens", "0"]),
+        "--max-tokens must be at least 1",
+    );
     assert_fails_with(&["--synthetic", "--prompt", "  "], "the prompt is empty");
 }
 
@@ -67,10 +89,21 @@ fn corrupt_model_files() {
     let config = common::small_config();
     let dir = common::small_model_dir("cli-corrupt", &config);
     let model = dir_arg(&dir);
-    let args = ["--model", model.as_str(), "--prompt", "hi", "--backend", "cpu"];
+    let args = [
+        "--model",
+        model.as_str(),
+        "--prompt",
+        "hi",
+        "--backend",
+        "cpu",
+    ];
 
     let config_text = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    std::fs::write(dir.join("config.json"), &config_text[..config_text.len() / 2]).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        &config_text[..config_text.len() / 2],
+    )
+    .unwrap();
     assert_fails_with(&args, "malformed config.json");
     std::fs::write(dir.join("config.json"), &config_text).unwrap();
 
@@ -80,7 +113,11 @@ fn corrupt_model_files() {
     std::fs::write(dir.join("tokenizer.json"), &tokenizer).unwrap();
 
     let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
-    std::fs::write(dir.join("model.safetensors"), &weights[..weights.len() - 10]).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        &weights[..weights.len() - 10],
+    )
+    .unwrap();
     assert_fails_with(&args, "truncated or corrupt");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     assert_fails_with(&args, "no model.safetensors");
@@ -91,20 +128,37 @@ fn wrong_shape_in_checkpoint() {
     let config = common::small_config();
     let dir = common::small_model_dir("cli-shape", &config);
     // Declare a wider model than the checkpoint holds: every tensor's shape disagrees.
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     json["intermediate_size"] = 128.into();
     std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
     let model = dir_arg(&dir);
-    assert_fails_with(&["--model", &model, "--prompt", "hi"], "model.layers.0.mlp.gate_proj.weight: shape [96, 64], expected [128, 64]");
+    assert_fails_with(
+        &["--model", &model, "--prompt", "hi"],
+        "model.layers.0.mlp.gate_proj.weight: shape [96, 64], expected [128, 64]",
+    );
 }
 
 #[test]
 fn prompt_longer_than_the_context() {
-    let config = braidinfer::config::ModelConfig { max_positions: 24, ..common::small_config() };
+    let config = braidinfer::config::ModelConfig {
+        max_positions: 24,
+        ..common::small_config()
+    };
     let dir = common::small_model_dir("cli-context", &config);
     let model = dir_arg(&dir);
     let long_prompt = "word ".repeat(40);
-    assert_fails_with(&["--model", &model, "--prompt", &long_prompt, "--backend", "cpu"], "context limit of 24 tokens");
+    assert_fails_with(
+        &[
+            "--model",
+            &model,
+            "--prompt",
+            &long_prompt,
+            "--backend",
+            "cpu",
+        ],
+        "context limit of 24 tokens",
+    );
 }
 
 #[test]
@@ -114,14 +168,31 @@ fn small_model_generates_and_a_seed_reproduces_the_text() {
     let model = dir_arg(&dir);
     let run = |seed: &str| {
         braidinfer(&[
-            "--model", &model, "--prompt", "Tell me a story", "--max-tokens", "12", "--temperature", "1.0",
-            "--top-k", "40", "--seed", seed, "--stats", "--backend", "cpu",
+            "--model",
+            &model,
+            "--prompt",
+            "Tell me a story",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "40",
+            "--seed",
+            seed,
+            "--stats",
+            "--backend",
+            "cpu",
         ])
     };
     let first = run("5");
     assert_eq!(first.code, 0, "{}", first.stderr);
     assert!(!first.stdout.trim().is_empty(), "no text streamed");
-    assert!(first.stderr.contains("tokens generated at"), "--stats line missing: {}", first.stderr);
+    assert!(
+        first.stderr.contains("tokens generated at"),
+        "--stats line missing: {}",
+        first.stderr
+    );
     assert_eq!(run("5").stdout, first.stdout, "same seed, same text");
 }
 
@@ -130,9 +201,21 @@ fn save_synthetic_writes_a_loadable_directory() {
     let dir = common::temp_dir("cli-save");
     let target = dir.join("model");
     let target_arg = dir_arg(&target);
-    let out = braidinfer(&["--synthetic", "--layers", "1", "--save-synthetic", &target_arg]);
+    let out = braidinfer(&[
+        "--synthetic",
+        "--layers",
+        "1",
+        "--save-synthetic",
+        &target_arg,
+    ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(target.join(file).is_file(), "{file} missing");
     }
     let config = braidinfer::config::ModelConfig::from_file(&target.join("config.json")).unwrap();

@@ -13,19 +13,32 @@ use braidinfer::synthetic::synthetic_weights;
 use braidinfer::weights::ModelWeights;
 
 fn small_real_config() -> ModelConfig {
-    ModelConfig { layers: 2, ..ModelConfig::qwen3_0_6b() }
+    ModelConfig {
+        layers: 2,
+        ..ModelConfig::qwen3_0_6b()
+    }
 }
 
-fn engine(gpu: Gpu, config: &ModelConfig, weights: &ModelWeights, options: EngineOptions) -> Engine {
+fn engine(
+    gpu: Gpu,
+    config: &ModelConfig,
+    weights: &ModelWeights,
+    options: EngineOptions,
+) -> Engine {
     Engine::new(gpu, config, weights, &options).expect("building the engine")
 }
 
 fn random_prompt(rng: &mut SplitMix64, len: usize, vocab: usize) -> Vec<u32> {
-    (0..len).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()
+    (0..len)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect()
 }
 
 fn fresh_seed(test: &str) -> SplitMix64 {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     eprintln!("{test}: seed {seed}");
     SplitMix64::new(seed)
 }
@@ -38,7 +51,9 @@ fn near_tie(logits: &[f32]) -> bool {
 
 #[test]
 fn gpu_engine_matches_the_cpu_reference() {
-    let Some(gpu) = common::gpu_or_skip("gpu_engine_matches_the_cpu_reference") else { return };
+    let Some(gpu) = common::gpu_or_skip("gpu_engine_matches_the_cpu_reference") else {
+        return;
+    };
     let mut rng = fresh_seed("gpu_engine_matches_the_cpu_reference");
     let config = small_real_config();
     let weights = synthetic_weights(&config, rng.next_u64());
@@ -46,7 +61,15 @@ fn gpu_engine_matches_the_cpu_reference() {
     // summation order (and the rare bf16 rounding flip it causes).
     let cpu = CpuModel::new(&config, &weights).with_bf16_activations();
     let f32_cpu = CpuModel::new(&config, &weights);
-    let mut engine = engine(gpu, &config, &weights, EngineOptions { prefill_chunk: 32, ..Default::default() });
+    let mut engine = engine(
+        gpu,
+        &config,
+        &weights,
+        EngineOptions {
+            prefill_chunk: 32,
+            ..Default::default()
+        },
+    );
     let prompt = random_prompt(&mut rng, 70, config.vocab); // three prefill chunks
     let prompt_logits = engine
         .start_sequence(0, &prompt, 40, &SamplingParams::greedy(), 0, true)
@@ -60,13 +83,21 @@ fn gpu_engine_matches_the_cpu_reference() {
         reference = cpu.forward(token, &mut cache).unwrap();
         let ours = &prompt_logits[i * config.vocab..(i + 1) * config.vocab];
         common::assert_all_finite(ours, "prefill logits");
-        errors.add(ours, &reference, &f32_cpu.forward(token, &mut f32_cache).unwrap());
+        errors.add(
+            ours,
+            &reference,
+            &f32_cpu.forward(token, &mut f32_cache).unwrap(),
+        );
     }
     let mut mismatches = 0;
     for step in 0..30 {
         let token = engine.gpu().download(engine.tokens()).unwrap()[0] as u32;
         if !near_tie(&reference) {
-            assert_eq!(token, argmax(&reference), "step {step}: greedy token differs from the reference's argmax");
+            assert_eq!(
+                token,
+                argmax(&reference),
+                "step {step}: greedy token differs from the reference's argmax"
+            );
         } else if token != argmax(&reference) {
             mismatches += 1;
         }
@@ -74,7 +105,11 @@ fn gpu_engine_matches_the_cpu_reference() {
         let ours = engine.gpu().download(engine.logits()).unwrap();
         common::assert_all_finite(&ours[..config.vocab], "decode logits");
         reference = cpu.forward(token, &mut cache).unwrap();
-        errors.add(&ours[..config.vocab], &reference, &f32_cpu.forward(token, &mut f32_cache).unwrap());
+        errors.add(
+            &ours[..config.vocab],
+            &reference,
+            &f32_cpu.forward(token, &mut f32_cache).unwrap(),
+        );
     }
     eprintln!(
         "worst relative L2 error of logits against f32: GPU {:.2e}, bf16-activation reference {:.2e}; \
@@ -101,25 +136,41 @@ struct Errors {
 impl Errors {
     fn add(&mut self, gpu: &[f32], oracle: &[f32], f32_reference: &[f32]) {
         self.gpu_vs_f32 = self.gpu_vs_f32.max(common::rel_l2(gpu, f32_reference));
-        self.oracle_vs_f32 = self.oracle_vs_f32.max(common::rel_l2(oracle, f32_reference));
+        self.oracle_vs_f32 = self
+            .oracle_vs_f32
+            .max(common::rel_l2(oracle, f32_reference));
         self.gpu_vs_oracle = self.gpu_vs_oracle.max(common::rel_l2(gpu, oracle));
     }
 }
 
 #[test]
 fn gpu_graph_replay_is_bit_identical_to_eager_launches() {
-    let Some(gpu) = common::gpu_or_skip("gpu_graph_replay_is_bit_identical_to_eager_launches") else { return };
+    let Some(gpu) = common::gpu_or_skip("gpu_graph_replay_is_bit_identical_to_eager_launches")
+    else {
+        return;
+    };
     let mut rng = fresh_seed("gpu_graph_replay");
     let config = small_real_config();
     let weights = synthetic_weights(&config, 11);
     let mut engine = engine(gpu, &config, &weights, EngineOptions::default());
     let prompt = random_prompt(&mut rng, 50, config.vocab);
-    let params = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.9, seed: 5 };
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.9,
+        seed: 5,
+    };
     let run = |engine: &mut Engine, graph: bool| -> Vec<Vec<f32>> {
-        engine.start_sequence(0, &prompt, 64, &params, 0, false).unwrap();
+        engine
+            .start_sequence(0, &prompt, 64, &params, 0, false)
+            .unwrap();
         (0..24)
             .map(|_| {
-                if graph { engine.step().unwrap() } else { engine.step_eager().unwrap() }
+                if graph {
+                    engine.step().unwrap()
+                } else {
+                    engine.step_eager().unwrap()
+                }
                 engine.gpu().download(engine.logits()).unwrap()
             })
             .collect()
@@ -129,13 +180,19 @@ fn gpu_graph_replay_is_bit_identical_to_eager_launches() {
     eprintln!("decode graph: {nodes} kernel nodes");
     let replayed = run(&mut engine, true);
     for (step, (a, b)) in eager.iter().zip(&replayed).enumerate() {
-        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "step {step}: graph logits differ from eager");
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "step {step}: graph logits differ from eager"
+        );
     }
 }
 
 #[test]
 fn gpu_long_generation_stays_finite_without_memory_growth() {
-    let Some(gpu) = common::gpu_or_skip("gpu_long_generation_stays_finite_without_memory_growth") else { return };
+    let Some(gpu) = common::gpu_or_skip("gpu_long_generation_stays_finite_without_memory_growth")
+    else {
+        return;
+    };
     let mut rng = fresh_seed("gpu_long_generation");
     let config = small_real_config();
     let weights = synthetic_weights(&config, 3);
@@ -143,8 +200,15 @@ fn gpu_long_generation_stays_finite_without_memory_growth() {
     let mut engine = engine(gpu, &config, &weights, EngineOptions::default());
     engine.capture().unwrap();
     let prompt = random_prompt(&mut rng, 20, config.vocab);
-    let params = SamplingParams { temperature: 1.0, top_k: 64, top_p: 1.0, seed: 9 };
-    engine.start_sequence(0, &prompt, 1000, &params, 0, false).unwrap();
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_k: 64,
+        top_p: 1.0,
+        seed: 9,
+    };
+    engine
+        .start_sequence(0, &prompt, 1000, &params, 0, false)
+        .unwrap();
     engine.gpu().synchronize().unwrap();
     let free_before = ctx.mem_get_info().unwrap().0;
     for step in 1..1000 {
@@ -153,21 +217,34 @@ fn gpu_long_generation_stays_finite_without_memory_growth() {
             let logits = engine.gpu().download(engine.logits()).unwrap();
             common::assert_all_finite(&logits[..config.vocab], "logits");
             let token = engine.gpu().download(engine.tokens()).unwrap()[0];
-            assert!((0..config.vocab as i32).contains(&token), "step {step}: token {token}");
+            assert!(
+                (0..config.vocab as i32).contains(&token),
+                "step {step}: token {token}"
+            );
         }
     }
     engine.gpu().synchronize().unwrap();
-    assert_eq!(ctx.mem_get_info().unwrap().0, free_before, "GPU memory changed during decoding");
+    assert_eq!(
+        ctx.mem_get_info().unwrap().0,
+        free_before,
+        "GPU memory changed during decoding"
+    );
 }
 
 #[test]
 fn gpu_context_and_capacity_limits_are_clear_errors() {
-    let Some(gpu) = common::gpu_or_skip("gpu_context_and_capacity_limits_are_clear_errors") else { return };
+    let Some(gpu) = common::gpu_or_skip("gpu_context_and_capacity_limits_are_clear_errors") else {
+        return;
+    };
     let mut rng = fresh_seed("gpu_limits");
     let config = small_real_config();
     let weights = synthetic_weights(&config, 5);
     let per_position = braidinfer::gpu::kv_cache::bytes_per_position(config.layers);
-    let options = EngineOptions { max_batch: 2, kv_cache_bytes: Some(256 * per_position), prefill_chunk: 128 };
+    let options = EngineOptions {
+        max_batch: 2,
+        kv_cache_bytes: Some(256 * per_position),
+        prefill_chunk: 128,
+    };
     let mut engine = engine(gpu, &config, &weights, options);
     engine.capture().unwrap();
     assert_eq!(engine.context_limit(), 256);
@@ -175,7 +252,9 @@ fn gpu_context_and_capacity_limits_are_clear_errors() {
 
     // A prompt near the limit works and decodes up to it.
     let near = random_prompt(&mut rng, 250, config.vocab);
-    engine.start_sequence(0, &near, 6, &greedy, 0, false).unwrap();
+    engine
+        .start_sequence(0, &near, 6, &greedy, 0, false)
+        .unwrap();
     for _ in 0..5 {
         engine.step().unwrap();
     }
@@ -183,15 +262,53 @@ fn gpu_context_and_capacity_limits_are_clear_errors() {
     common::assert_all_finite(&logits[..config.vocab], "logits at the context limit");
 
     // Over the limit: refused, with the numbers.
-    let err = format!("{:#}", engine.start_sequence(1, &random_prompt(&mut rng, 256, config.vocab), 1, &greedy, 1, false).unwrap_err());
+    let err = format!(
+        "{:#}",
+        engine
+            .start_sequence(
+                1,
+                &random_prompt(&mut rng, 256, config.vocab),
+                1,
+                &greedy,
+                1,
+                false
+            )
+            .unwrap_err()
+    );
     assert!(err.contains("context limit of 256"), "{err}");
 
     // More than the cache holds: slot 0 keeps its 256 positions, so slot 1 cannot get 100.
-    let err = format!("{:#}", engine.start_sequence(1, &random_prompt(&mut rng, 90, config.vocab), 10, &greedy, 1, false).unwrap_err());
+    let err = format!(
+        "{:#}",
+        engine
+            .start_sequence(
+                1,
+                &random_prompt(&mut rng, 90, config.vocab),
+                10,
+                &greedy,
+                1,
+                false
+            )
+            .unwrap_err()
+    );
     assert!(err.contains("KV cache cannot hold"), "{err}");
     engine.finish_sequence(0).unwrap();
-    engine.start_sequence(1, &random_prompt(&mut rng, 90, config.vocab), 10, &greedy, 1, false).unwrap();
+    engine
+        .start_sequence(
+            1,
+            &random_prompt(&mut rng, 90, config.vocab),
+            10,
+            &greedy,
+            1,
+            false,
+        )
+        .unwrap();
 
-    let err = format!("{:#}", engine.start_sequence(0, &[config.vocab as u32], 1, &greedy, 0, false).unwrap_err());
+    let err = format!(
+        "{:#}",
+        engine
+            .start_sequence(0, &[config.vocab as u32], 1, &greedy, 0, false)
+            .unwrap_err()
+    );
     assert!(err.contains("outside the vocabulary"), "{err}");
 }

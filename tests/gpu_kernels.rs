@@ -14,24 +14,33 @@ use half::bf16;
 
 /// Fresh inputs every run; the seed is printed so a failure can be replayed.
 fn fresh_rng(test: &str) -> SplitMix64 {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     eprintln!("{test}: seed {seed}");
     SplitMix64::new(seed)
 }
 
 fn random_bf16(rng: &mut SplitMix64, n: usize, std: f32) -> Vec<u16> {
-    (0..n).map(|_| bf16::from_f32(rng.centered(std)).to_bits()).collect()
+    (0..n)
+        .map(|_| bf16::from_f32(rng.centered(std)).to_bits())
+        .collect()
 }
 
 const POISON_BF16: u16 = 0x7FC1; // a NaN
 
 #[test]
 fn gpu_embedding_gathers_rows() {
-    let Some(gpu) = common::gpu_or_skip("gpu_embedding_gathers_rows") else { return };
+    let Some(gpu) = common::gpu_or_skip("gpu_embedding_gathers_rows") else {
+        return;
+    };
     let mut rng = fresh_rng("gpu_embedding");
     let (vocab, hidden, m) = (5000, 1024, 9);
     let table = random_bf16(&mut rng, vocab * hidden, 0.05);
-    let mut tokens: Vec<i32> = (0..m).map(|_| (rng.next_u64() % vocab as u64) as i32).collect();
+    let mut tokens: Vec<i32> = (0..m)
+        .map(|_| (rng.next_u64() % vocab as u64) as i32)
+        .collect();
     tokens[3] = -1; // out of range: zeros
     tokens[7] = vocab as i32;
     let d_table = gpu.upload(&table).unwrap();
@@ -41,7 +50,11 @@ fn gpu_embedding_gathers_rows() {
     let x = gpu.download(&d_x).unwrap();
     for (r, &t) in tokens.iter().enumerate() {
         for i in 0..hidden {
-            let expected = if (0..vocab as i32).contains(&t) { bf16::from_bits(table[t as usize * hidden + i]).to_f32() } else { 0.0 };
+            let expected = if (0..vocab as i32).contains(&t) {
+                bf16::from_bits(table[t as usize * hidden + i]).to_f32()
+            } else {
+                0.0
+            };
             assert_eq!(x[r * hidden + i], expected, "row {r} col {i}");
         }
     }
@@ -49,26 +62,44 @@ fn gpu_embedding_gathers_rows() {
 
 #[test]
 fn gpu_rmsnorm_matches_reference() {
-    let Some(gpu) = common::gpu_or_skip("gpu_rmsnorm_matches_reference") else { return };
+    let Some(gpu) = common::gpu_or_skip("gpu_rmsnorm_matches_reference") else {
+        return;
+    };
     let mut rng = fresh_rng("gpu_rmsnorm");
     let (m, hidden, eps) = (13, 1024, 1e-6);
-    let x: Vec<f32> = (0..m * hidden).map(|i| rng.centered(0.5 + (i / hidden) as f32)).collect();
+    let x: Vec<f32> = (0..m * hidden)
+        .map(|i| rng.centered(0.5 + (i / hidden) as f32))
+        .collect();
     let mut weight: Vec<f32> = (0..hidden).map(|_| rng.range(0.5, 2.0)).collect();
     weight[17] = 90.0;
-    let weight_bits: Vec<u16> = weight.iter().map(|&w| bf16::from_f32(w).to_bits()).collect();
-    let weight_f32: Vec<f32> = weight_bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+    let weight_bits: Vec<u16> = weight
+        .iter()
+        .map(|&w| bf16::from_f32(w).to_bits())
+        .collect();
+    let weight_f32: Vec<f32> = weight_bits
+        .iter()
+        .map(|&b| bf16::from_bits(b).to_f32())
+        .collect();
     let d_x = gpu.upload(&x).unwrap();
     let d_w = gpu.upload(&weight_bits).unwrap();
     let mut d_out = gpu.upload(&vec![POISON_BF16; m * hidden]).unwrap();
     kernels::rmsnorm(&gpu, &mut d_out, &d_x, &d_w, m, hidden, eps).unwrap();
-    let out: Vec<f32> = gpu.download(&d_out).unwrap().into_iter().map(|b| bf16::from_bits(b).to_f32()).collect();
+    let out: Vec<f32> = gpu
+        .download(&d_out)
+        .unwrap()
+        .into_iter()
+        .map(|b| bf16::from_bits(b).to_f32())
+        .collect();
     common::assert_all_finite(&out, "rmsnorm out");
     for r in 0..m {
         let expected = rms_norm(&x[r * hidden..(r + 1) * hidden], &weight_f32, eps);
         for i in 0..hidden {
             let (got, want) = (out[r * hidden + i], expected[i]);
             // bf16 output: at most one rounding step (2^-8 relative) from the f32 reference.
-            assert!((got - want).abs() <= want.abs() * 2f32.powi(-8) + 1e-6, "row {r} col {i}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= want.abs() * 2f32.powi(-8) + 1e-6,
+                "row {r} col {i}: {got} vs {want}"
+            );
         }
     }
 }
@@ -82,7 +113,9 @@ fn matmul_ref(a: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut out = vec![0.0; m * n];
     for r in 0..m {
         for c in 0..n {
-            out[r * n + c] = (0..k).map(|i| a[r * k + i] as f64 * w[c * k + i] as f64).sum::<f64>() as f32;
+            out[r * n + c] = (0..k)
+                .map(|i| a[r * k + i] as f64 * w[c * k + i] as f64)
+                .sum::<f64>() as f32;
         }
     }
     out
@@ -102,7 +135,10 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: usize
     let out = gpu.download(&d_out).unwrap();
     common::assert_all_finite(&out, "linear store");
     let err = common::rel_l2(&out, &expected);
-    assert!(err < 1e-5, "linear m={m} n={n} k={k}: relative L2 {err:.2e}");
+    assert!(
+        err < 1e-5,
+        "linear m={m} n={n} k={k}: relative L2 {err:.2e}"
+    );
 
     // AddResidual: adds onto what is there.
     let base: Vec<f32> = (0..m * n).map(|_| rng.centered(1.0)).collect();
@@ -111,24 +147,17 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: usize
     let x = gpu.download(&d_x).unwrap();
     let want: Vec<f32> = base.iter().zip(&expected).map(|(b, e)| b + e).collect();
     let err = common::rel_l2(&x, &want);
-    assert!(err < 1e-5, "linear add m={m} n={n} k={k}: relative L2 {err:.2e}");
-
-    // SwiGLU: rows 2i and 2i+1 are gate_i and up_i; the bf16 output rounds once.
-    let mut d_act = gpu.upload(&vec![POISON_BF16; m * n / 2]).unwrap();
-    kernels::linear_swiglu(gpu, &mut d_act, &d_a, &d_w, (m, n, k)).unwrap();
-    let act = bits_to_f32(&gpu.download(&d_act).unwrap());
-    common::assert_all_finite(&act, "swiglu out");
-    let want: Vec<f32> = (0..m * n / 2).map(|i| {
-        let (r, j) = (i / (n / 2), i % (n / 2));
-        silu(expected[r * n + 2 * j]) * expected[r * n + 2 * j + 1]
-    }).collect();
-    let err = common::rel_l2(&act, &want);
-    assert!(err < 4e-3, "swiglu m={m} n={n} k={k}: relative L2 {err:.2e} (bf16 output)");
+    assert!(
+        err < 1e-5,
+        "linear add m={m} n={n} k={k}: relative L2 {err:.2e}"
+    );
 }
 
 /// RMSNorm fused in front of the product, against rmsnorm -> bf16 -> product on the CPU.
 fn run_norm_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: usize) {
-    let x: Vec<f32> = (0..m * k).map(|i| rng.centered(0.3 + (i / k) as f32)).collect();
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| rng.centered(0.3 + (i / k) as f32))
+        .collect();
     let mut norm: Vec<f32> = (0..k).map(|_| rng.range(0.5, 2.0)).collect();
     norm[7] = 40.0;
     let norm_bits: Vec<u16> = norm.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
@@ -139,30 +168,101 @@ fn run_norm_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: 
         .map(|v| bf16::from_f32(v).to_f32())
         .collect();
     let expected = matmul_ref(&a, &bits_to_f32(&w_bits), m, n, k);
-    let (d_x, d_norm, d_w) = (gpu.upload(&x).unwrap(), gpu.upload(&norm_bits).unwrap(), gpu.upload(&w_bits).unwrap());
+    let (d_x, d_norm, d_w) = (
+        gpu.upload(&x).unwrap(),
+        gpu.upload(&norm_bits).unwrap(),
+        gpu.upload(&w_bits).unwrap(),
+    );
     let mut scratch = gpu.alloc::<u16>(m * k).unwrap();
     let mut d_out = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
-    kernels::norm_linear(gpu, &mut d_out, &d_x, &d_norm, 1e-6, &d_w, &mut scratch, (m, n, k), kernels::NormEpilogue::Store).unwrap();
+    kernels::norm_linear(
+        gpu,
+        &mut d_out,
+        &d_x,
+        &d_norm,
+        1e-6,
+        &d_w,
+        &mut scratch,
+        (m, n, k),
+        kernels::NormEpilogue::Store,
+    )
+    .unwrap();
     let out = gpu.download(&d_out).unwrap();
     common::assert_all_finite(&out, "norm_linear out");
     // The normalized activations round to bf16 on both sides; a rounding flip from another
     // summation order moves a product by about 2^-9 of one term.
     let err = common::rel_l2(&out, &expected);
-    assert!(err < 1e-3, "norm_linear m={m} n={n} k={k}: relative L2 {err:.2e}");
+    assert!(
+        err < 1e-3,
+        "norm_linear m={m} n={n} k={k}: relative L2 {err:.2e}"
+    );
+
+    // SwiGLU: rows 2i and 2i+1 are gate_i and up_i; the bf16 output rounds once more.
+    let mut d_act = gpu.upload(&vec![POISON_BF16; m * n / 2]).unwrap();
+    kernels::norm_linear(
+        gpu,
+        &mut d_act,
+        &d_x,
+        &d_norm,
+        1e-6,
+        &d_w,
+        &mut scratch,
+        (m, n, k),
+        kernels::NormEpilogue::SwiGlu,
+    )
+    .unwrap();
+    let act = bits_to_f32(&gpu.download(&d_act).unwrap());
+    common::assert_all_finite(&act, "swiglu out");
+    let want: Vec<f32> = (0..m * n / 2)
+        .map(|i| {
+            let (r, j) = (i / (n / 2), i % (n / 2));
+            silu(expected[r * n + 2 * j]) * expected[r * n + 2 * j + 1]
+        })
+        .collect();
+    let err = common::rel_l2(&act, &want);
+    assert!(
+        err < 5e-3,
+        "swiglu m={m} n={n} k={k}: relative L2 {err:.2e} (bf16 output)"
+    );
 }
 
 #[test]
 fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
-    let Some(gpu) = common::gpu_or_skip("gpu_linear_matches_reference_for_decode_and_prefill_shapes") else { return };
+    let Some(gpu) =
+        common::gpu_or_skip("gpu_linear_matches_reference_for_decode_and_prefill_shapes")
+    else {
+        return;
+    };
     let mut rng = fresh_rng("gpu_linear");
     // Skinny tilings (m <= 64) and the tiled one (m > 64), with the model's k and both n paths.
-    for &(m, n, k) in &[(1, 1024, 3072), (3, 4096, 1024), (16, 6144, 1024), (17, 1024, 2048), (64, 2048, 1024), (65, 256, 1024), (200, 384, 3072)] {
+    for &(m, n, k) in &[
+        (1, 1024, 3072),
+        (3, 4096, 1024),
+        (16, 6144, 1024),
+        (17, 1024, 2048),
+        (64, 2048, 1024),
+        (65, 256, 1024),
+        (200, 384, 3072),
+    ] {
         run_linear_case(&gpu, &mut rng, m, n, k);
     }
-    for &(m, n, k) in &[(1, 4096, 1024), (1, 151_936, 1024), (9, 6144, 1024), (40, 1024, 1024), (130, 512, 1024)] {
+    for &(m, n, k) in &[
+        (1, 4096, 1024),
+        (1, 151_936, 1024),
+        (9, 6144, 1024),
+        (40, 1024, 1024),
+        (130, 512, 1024),
+    ] {
         run_norm_linear_case(&gpu, &mut rng, m, n, k);
     }
-    let refused = kernels::linear(&gpu, &mut gpu.alloc::<f32>(16).unwrap(), &gpu.alloc::<u16>(100).unwrap(), &gpu.alloc::<u16>(16 * 100).unwrap(), (1, 16, 100), Epilogue::Store);
+    let refused = kernels::linear(
+        &gpu,
+        &mut gpu.alloc::<f32>(16).unwrap(),
+        &gpu.alloc::<u16>(100).unwrap(),
+        &gpu.alloc::<u16>(16 * 100).unwrap(),
+        (1, 16, 100),
+        Epilogue::Store,
+    );
     assert!(refused.is_err(), "k = 100 must be refused");
 }
 
@@ -179,14 +279,18 @@ fn shuffled_tables(rng: &mut SplitMix64, seqs: usize, blocks_per_seq: usize) -> 
 
 #[test]
 fn gpu_qk_norm_rope_writes_q_and_the_paged_cache() {
-    let Some(gpu) = common::gpu_or_skip("gpu_qk_norm_rope_writes_q_and_the_paged_cache") else { return };
+    let Some(gpu) = common::gpu_or_skip("gpu_qk_norm_rope_writes_q_and_the_paged_cache") else {
+        return;
+    };
     let mut rng = fresh_rng("gpu_qk_norm_rope");
     let config = ModelConfig::qwen3_0_6b();
     let (seqs, max_blocks, m) = (3, 300, 6);
     let tables = shuffled_tables(&mut rng, seqs, max_blocks);
     let positions: Vec<i32> = vec![0, 15, 16, 4000, 4799, -1]; // the last row is padding
     let row_seq: Vec<i32> = vec![0, 1, 2, 0, 2, 1];
-    let qkv: Vec<f32> = (0..m * kernels::QKV_WIDTH).map(|_| rng.centered(2.0)).collect();
+    let qkv: Vec<f32> = (0..m * kernels::QKV_WIDTH)
+        .map(|_| rng.centered(2.0))
+        .collect();
     let mut norms: Vec<f32> = (0..2 * 128).map(|_| rng.range(0.5, 3.0)).collect();
     norms[128 + 5] = 96.0; // a k_norm outlier, as in the real checkpoint
     let norm_bits: Vec<u16> = norms.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
@@ -195,50 +299,104 @@ fn gpu_qk_norm_rope_writes_q_and_the_paged_cache() {
     let cache_len = seqs * max_blocks * 16 * KV_WIDTH;
     let mut d_k = gpu.upload(&vec![POISON_BF16; cache_len]).unwrap();
     let mut d_v = gpu.upload(&vec![POISON_BF16; cache_len]).unwrap();
-    let mut d_q = gpu.upload(&vec![POISON_BF16; m * kernels::Q_WIDTH]).unwrap();
-    let (d_pos, d_seq, d_tables) = (gpu.upload(&positions).unwrap(), gpu.upload(&row_seq).unwrap(), gpu.upload(&tables).unwrap());
-    let rows = Rows { positions: &d_pos, row_seq: &d_seq, block_tables: &d_tables, max_blocks, m };
+    let mut d_q = gpu
+        .upload(&vec![POISON_BF16; m * kernels::Q_WIDTH])
+        .unwrap();
+    let (d_pos, d_seq, d_tables) = (
+        gpu.upload(&positions).unwrap(),
+        gpu.upload(&row_seq).unwrap(),
+        gpu.upload(&tables).unwrap(),
+    );
+    let rows = Rows {
+        positions: &d_pos,
+        row_seq: &d_seq,
+        block_tables: &d_tables,
+        max_blocks,
+        m,
+    };
     kernels::qk_norm_rope_cache(
-        &gpu, &mut d_q, LayerCache { k: &mut d_k, v: &mut d_v }, &gpu.upload(&qkv).unwrap(),
-        &gpu.upload(&norm_bits[..128]).unwrap(), &gpu.upload(&norm_bits[128..]).unwrap(),
-        &gpu.upload(&rope_inv_freq(&config)).unwrap(), &rows, config.rms_eps,
-    ).unwrap();
-    let (q, k, v) = (gpu.download(&d_q).unwrap(), gpu.download(&d_k).unwrap(), gpu.download(&d_v).unwrap());
+        &gpu,
+        &mut d_q,
+        LayerCache {
+            k: &mut d_k,
+            v: &mut d_v,
+        },
+        &gpu.upload(&qkv).unwrap(),
+        &gpu.upload(&norm_bits[..128]).unwrap(),
+        &gpu.upload(&norm_bits[128..]).unwrap(),
+        &gpu.upload(&rope_inv_freq(&config)).unwrap(),
+        &rows,
+        config.rms_eps,
+    )
+    .unwrap();
+    let (q, k, v) = (
+        gpu.download(&d_q).unwrap(),
+        gpu.download(&d_k).unwrap(),
+        gpu.download(&d_v).unwrap(),
+    );
 
     let close = |got: u16, want: f32, what: &str| {
         let got = bf16::from_bits(got).to_f32();
-        assert!((got - want).abs() <= want.abs() * 2f32.powi(-7) + 1e-3, "{what}: {got} vs {want}");
+        assert!(
+            (got - want).abs() <= want.abs() * 2f32.powi(-7) + 1e-3,
+            "{what}: {got} vs {want}"
+        );
     };
     for r in 0..m {
         let pos = positions[r];
         if pos < 0 {
-            assert!(q[r * 2048..(r + 1) * 2048].iter().all(|&b| b == POISON_BF16), "padding row written");
+            assert!(
+                q[r * 2048..(r + 1) * 2048]
+                    .iter()
+                    .all(|&b| b == POISON_BF16),
+                "padding row written"
+            );
             continue;
         }
         let row = &qkv[r * kernels::QKV_WIDTH..(r + 1) * kernels::QKV_WIDTH];
         let block = tables[row_seq[r] as usize * max_blocks + pos as usize / 16] as usize;
         for head in 0..24 {
-            let mut x = rms_norm(&row[head * 128..(head + 1) * 128], &norm_f32[if head < 16 { 0..128 } else { 128..256 }], config.rms_eps);
+            let mut x = rms_norm(
+                &row[head * 128..(head + 1) * 128],
+                &norm_f32[if head < 16 { 0..128 } else { 128..256 }],
+                config.rms_eps,
+            );
             rope(&mut x, pos as usize, config.rope_theta);
             for d in 0..128 {
-                let got = if head < 16 { q[(r * 16 + head) * 128 + d] } else { k[((block * 8 + head - 16) * 16 + pos as usize % 16) * 128 + d] };
+                let got = if head < 16 {
+                    q[(r * 16 + head) * 128 + d]
+                } else {
+                    k[((block * 8 + head - 16) * 16 + pos as usize % 16) * 128 + d]
+                };
                 close(got, x[d], &format!("row {r} head {head} dim {d}"));
             }
         }
         for j in 0..8 {
             for d in 0..128 {
                 let got = v[((block * 8 + j) * 16 + pos as usize % 16) * 128 + d];
-                close(got, row[2048 + 1024 + j * 128 + d], &format!("row {r} v head {j} dim {d}"));
+                close(
+                    got,
+                    row[2048 + 1024 + j * 128 + d],
+                    &format!("row {r} v head {j} dim {d}"),
+                );
             }
         }
     }
     let written = k.iter().filter(|&&b| b != POISON_BF16).count();
-    assert_eq!(written, 5 * KV_WIDTH, "exactly one cache row per non-padding row");
+    assert_eq!(
+        written,
+        5 * KV_WIDTH,
+        "exactly one cache row per non-padding row"
+    );
 }
 
 #[test]
 fn gpu_attention_matches_reference_across_lengths_and_splits() {
-    let Some(gpu) = common::gpu_or_skip("gpu_attention_matches_reference_across_lengths_and_splits") else { return };
+    let Some(gpu) =
+        common::gpu_or_skip("gpu_attention_matches_reference_across_lengths_and_splits")
+    else {
+        return;
+    };
     let mut rng = fresh_rng("gpu_attention");
     let config = ModelConfig::qwen3_0_6b();
     let (seqs, max_blocks) = (4, 80);
@@ -253,35 +411,80 @@ fn gpu_attention_matches_reference_across_lengths_and_splits() {
     let m = positions.len();
     let q_bits = random_bf16(&mut rng, m * 2048, 1.0);
     let q = bits_to_f32(&q_bits);
-    let (d_k, d_v, d_q) = (gpu.upload(&k_bits).unwrap(), gpu.upload(&v_bits).unwrap(), gpu.upload(&q_bits).unwrap());
-    let (d_pos, d_seq, d_tables) = (gpu.upload(&positions).unwrap(), gpu.upload(&row_seq).unwrap(), gpu.upload(&tables).unwrap());
-    let rows = Rows { positions: &d_pos, row_seq: &d_seq, block_tables: &d_tables, max_blocks, m };
+    let (d_k, d_v, d_q) = (
+        gpu.upload(&k_bits).unwrap(),
+        gpu.upload(&v_bits).unwrap(),
+        gpu.upload(&q_bits).unwrap(),
+    );
+    let (d_pos, d_seq, d_tables) = (
+        gpu.upload(&positions).unwrap(),
+        gpu.upload(&row_seq).unwrap(),
+        gpu.upload(&tables).unwrap(),
+    );
+    let rows = Rows {
+        positions: &d_pos,
+        row_seq: &d_seq,
+        block_tables: &d_tables,
+        max_blocks,
+        m,
+    };
     for splits in [1, 3, 33, 64] {
         let mut d_out = gpu.upload(&vec![POISON_BF16; m * 2048]).unwrap();
-        let mut d_partials = gpu.upload(&vec![f32::NAN; m * 16 * splits * kernels::PARTIAL_FLOATS]).unwrap();
+        let mut d_partials = gpu
+            .upload(&vec![f32::NAN; m * 16 * splits * kernels::PARTIAL_FLOATS])
+            .unwrap();
         let mut d_counters = gpu.alloc::<i32>(m * 8).unwrap();
-        kernels::attention(&gpu, &mut d_out, &mut d_partials, &mut d_counters, &d_q, &d_k, &d_v, &rows, splits).unwrap();
+        kernels::attention(
+            &gpu,
+            &mut d_out,
+            &mut d_partials,
+            &mut d_counters,
+            &d_q,
+            &d_k,
+            &d_v,
+            &rows,
+            splits,
+        )
+        .unwrap();
         let out = bits_to_f32(&gpu.download(&d_out).unwrap());
-        assert!(gpu.download(&d_counters).unwrap().iter().all(|&c| c == 0), "completion counters must return to zero");
+        assert!(
+            gpu.download(&d_counters).unwrap().iter().all(|&c| c == 0),
+            "completion counters must return to zero"
+        );
         common::assert_all_finite(&out, "attention out");
         for r in 0..m {
             let got = &out[r * 2048..(r + 1) * 2048];
             if positions[r] < 0 {
-                assert!(got.iter().all(|&v| v == 0.0), "padding row {r} must be zeros");
+                assert!(
+                    got.iter().all(|&v| v == 0.0),
+                    "padding row {r} must be zeros"
+                );
                 continue;
             }
             let len = positions[r] as usize + 1;
             let gather = |all: &[f32]| -> Vec<f32> {
-                (0..len).flat_map(|t| {
-                    let block = tables[row_seq[r] as usize * max_blocks + t / 16] as usize;
-                    let start = (block * 8 * 16 + t % 16) * 128;
-                    (0..8).flat_map(move |h| all[start + h * 16 * 128..start + h * 16 * 128 + 128].to_vec())
-                }).collect()
+                (0..len)
+                    .flat_map(|t| {
+                        let block = tables[row_seq[r] as usize * max_blocks + t / 16] as usize;
+                        let start = (block * 8 * 16 + t % 16) * 128;
+                        (0..8).flat_map(move |h| {
+                            all[start + h * 16 * 128..start + h * 16 * 128 + 128].to_vec()
+                        })
+                    })
+                    .collect()
             };
-            let want = attention(&config, &q[r * 2048..(r + 1) * 2048], &gather(&k_all), &gather(&v_all));
+            let want = attention(
+                &config,
+                &q[r * 2048..(r + 1) * 2048],
+                &gather(&k_all),
+                &gather(&v_all),
+            );
             let err = common::rel_l2(got, &want);
             // bf16 output (2^-9 relative rounding) over f32 math.
-            assert!(err < 4e-3, "row {r} (length {len}), {splits} splits: relative L2 {err:.2e}");
+            assert!(
+                err < 4e-3,
+                "row {r} (length {len}), {splits} splits: relative L2 {err:.2e}"
+            );
         }
     }
 }
@@ -299,46 +502,112 @@ fn raw(params: &SamplingParams, sequence: u32) -> SamplingParamsRaw {
 
 #[test]
 fn gpu_sampler_matches_the_host_sampler() {
-    let Some(gpu) = common::gpu_or_skip("gpu_sampler_matches_the_host_sampler") else { return };
+    let Some(gpu) = common::gpu_or_skip("gpu_sampler_matches_the_host_sampler") else {
+        return;
+    };
     let mut rng = fresh_rng("gpu_sampler");
     let vocab = 151_936;
     let settings = [
         SamplingParams::greedy(),
-        SamplingParams { temperature: 0.6, top_k: 20, top_p: 0.95, seed: 7 },
-        SamplingParams { temperature: 1.3, top_k: 64, top_p: 1.0, seed: 1 << 40 },
-        SamplingParams { temperature: 0.9, top_k: 5, top_p: 0.5, seed: 3 },
+        SamplingParams {
+            temperature: 0.6,
+            top_k: 20,
+            top_p: 0.95,
+            seed: 7,
+        },
+        SamplingParams {
+            temperature: 1.3,
+            top_k: 64,
+            top_p: 1.0,
+            seed: 1 << 40,
+        },
+        SamplingParams {
+            temperature: 0.9,
+            top_k: 5,
+            top_p: 0.5,
+            seed: 3,
+        },
     ];
     let batch = settings.len() + 1; // the last row is padding
-    let params: Vec<SamplingParamsRaw> = (0..batch).map(|b| raw(&settings[b.min(settings.len() - 1)], b as u32)).collect();
+    let params: Vec<SamplingParamsRaw> = (0..batch)
+        .map(|b| raw(&settings[b.min(settings.len() - 1)], b as u32))
+        .collect();
     let d_params = gpu.upload(&params).unwrap();
     let (mut agree, mut total) = (0, 0);
     for step in 0..50u32 {
         // Logits with a few strong candidates, so that sampling has real choices.
-        let logits: Vec<f32> = (0..batch * vocab).map(|_| { let u = rng.uniform(); if u > 0.9995 { rng.range(8.0, 12.0) } else { rng.centered(2.0) } }).collect();
+        let logits: Vec<f32> = (0..batch * vocab)
+            .map(|_| {
+                let u = rng.uniform();
+                if u > 0.9995 {
+                    rng.range(8.0, 12.0)
+                } else {
+                    rng.centered(2.0)
+                }
+            })
+            .collect();
         let mut positions: Vec<i32> = (0..batch as i32).map(|b| 100 + b).collect();
         positions[batch - 1] = -1;
         let mut d_tokens = gpu.upload(&vec![-7i32; batch]).unwrap();
         let mut d_positions = gpu.upload(&positions).unwrap();
         let mut d_steps = gpu.upload(&vec![step; batch]).unwrap();
-        let mut d_values = gpu.alloc::<f32>(batch * kernels::SAMPLE_CHUNKS * kernels::MAX_TOP_K).unwrap();
-        let mut d_ids = gpu.alloc::<i32>(batch * kernels::SAMPLE_CHUNKS * kernels::MAX_TOP_K).unwrap();
-        let state = SampleState { tokens: &mut d_tokens, positions: &mut d_positions, steps: &mut d_steps };
-        kernels::sample(&gpu, state, &mut d_values, &mut d_ids, &gpu.upload(&logits).unwrap(), &d_params, batch, vocab).unwrap();
+        let mut d_values = gpu
+            .alloc::<f32>(batch * kernels::SAMPLE_CHUNKS * kernels::MAX_TOP_K)
+            .unwrap();
+        let mut d_ids = gpu
+            .alloc::<i32>(batch * kernels::SAMPLE_CHUNKS * kernels::MAX_TOP_K)
+            .unwrap();
+        let state = SampleState {
+            tokens: &mut d_tokens,
+            positions: &mut d_positions,
+            steps: &mut d_steps,
+        };
+        kernels::sample(
+            &gpu,
+            state,
+            &mut d_values,
+            &mut d_ids,
+            &gpu.upload(&logits).unwrap(),
+            &d_params,
+            batch,
+            vocab,
+        )
+        .unwrap();
         let tokens = gpu.download(&d_tokens).unwrap();
         let new_positions = gpu.download(&d_positions).unwrap();
         let steps = gpu.download(&d_steps).unwrap();
         for b in 0..batch - 1 {
-            let want = sample(&logits[b * vocab..(b + 1) * vocab], &settings[b], b as u32, step);
+            let want = sample(
+                &logits[b * vocab..(b + 1) * vocab],
+                &settings[b],
+                b as u32,
+                step,
+            );
             if b == 0 {
                 assert_eq!(tokens[b] as u32, want, "greedy must be the argmax");
             }
             total += 1;
             agree += (tokens[b] as u32 == want) as usize;
-            assert_eq!((new_positions[b], steps[b]), (positions[b] + 1, step + 1), "position and step advance");
+            assert_eq!(
+                (new_positions[b], steps[b]),
+                (positions[b] + 1, step + 1),
+                "position and step advance"
+            );
         }
-        assert_eq!((tokens[batch - 1], new_positions[batch - 1], steps[batch - 1]), (-7, -1, step), "padding row untouched");
+        assert_eq!(
+            (
+                tokens[batch - 1],
+                new_positions[batch - 1],
+                steps[batch - 1]
+            ),
+            (-7, -1, step),
+            "padding row untouched"
+        );
     }
     // The device's expf may differ from the host's by an ulp, which can flip a draw that lands
     // exactly on a boundary; anything beyond that is a bug.
-    assert!(agree * 100 >= total * 99, "device and host samplers agree on {agree} of {total} draws");
+    assert!(
+        agree * 100 >= total * 99,
+        "device and host samplers agree on {agree} of {total} draws"
+    );
 }

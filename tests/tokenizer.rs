@@ -22,7 +22,10 @@ fn ids_match_the_hugging_face_tokenizer() {
         let text = case["text"].as_str().unwrap();
         let expected: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
         assert_eq!(tok.encode(text).unwrap(), expected, "ids of {text:?}");
-        assert_eq!(tok.decode(&expected).unwrap(), text.replace("<|im_start|>", "").replace("<|im_end|>", ""));
+        assert_eq!(
+            tok.decode(&expected).unwrap(),
+            text.replace("<|im_start|>", "").replace("<|im_end|>", "")
+        );
     }
 }
 
@@ -39,13 +42,20 @@ fn chat_template_matches_transformers() {
             .collect();
         let thinking = case["enable_thinking"].as_bool();
         let rendered = tok.apply_chat_template(&messages, thinking).unwrap();
-        assert_eq!(rendered, case["rendered"].as_str().unwrap(), "conversation {messages:?}");
+        assert_eq!(
+            rendered,
+            case["rendered"].as_str().unwrap(),
+            "conversation {messages:?}"
+        );
     }
 }
 
 fn stream(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
     let mut decoder = StreamDecoder::new(tok);
-    let mut pieces: Vec<String> = ids.iter().filter_map(|&id| decoder.push(id).unwrap()).collect();
+    let mut pieces: Vec<String> = ids
+        .iter()
+        .filter_map(|&id| decoder.push(id).unwrap())
+        .collect();
     pieces.push(decoder.finish().unwrap());
     pieces
 }
@@ -53,14 +63,25 @@ fn stream(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
 #[test]
 fn streaming_never_splits_a_character_and_matches_the_full_decode() {
     let tok = tokenizer();
-    for text in ["你好，世界！今天天气很好。", "Emoji: 🎉🚀👍🏽 family 👨‍👩‍👧 done", "naïve café Ελληνικά 日本語"] {
+    for text in [
+        "你好，世界！今天天气很好。",
+        "Emoji: 🎉🚀👍🏽 family 👨‍👩‍👧 done",
+        "naïve café Ελληνικά 日本語",
+    ] {
         let ids = tok.encode(text).unwrap();
         // Byte-level BPE splits these characters across tokens: the case the decoder exists for.
-        let single_token_pieces: Vec<String> = ids.iter().map(|&id| tok.decode(&[id]).unwrap()).collect();
-        assert!(single_token_pieces.iter().any(|p| p.contains('\u{FFFD}')), "{text:?} has no split character");
+        let single_token_pieces: Vec<String> =
+            ids.iter().map(|&id| tok.decode(&[id]).unwrap()).collect();
+        assert!(
+            single_token_pieces.iter().any(|p| p.contains('\u{FFFD}')),
+            "{text:?} has no split character"
+        );
         let pieces = stream(&tok, &ids);
         for piece in &pieces {
-            assert!(!piece.contains('\u{FFFD}'), "piece {piece:?} of {text:?} holds a broken character");
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "piece {piece:?} of {text:?} holds a broken character"
+            );
         }
         assert_eq!(pieces.concat(), tok.decode(&ids).unwrap());
         assert_eq!(pieces.concat(), text);

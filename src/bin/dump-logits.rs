@@ -38,13 +38,24 @@ fn main() {
 fn run(args: Args) -> Result<()> {
     let config = ModelConfig::from_file(&args.model.join("config.json"))?;
     let weights = ModelWeights::load(&args.model, &config)?;
-    let tokens: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(&args.tokens).context("reading --tokens")?)?;
-    ensure!(args.prompt_len >= 1 && args.prompt_len <= tokens.len(), "--prompt-len outside the token list");
+    let tokens: Vec<u32> =
+        serde_json::from_str(&std::fs::read_to_string(&args.tokens).context("reading --tokens")?)?;
+    ensure!(
+        args.prompt_len >= 1 && args.prompt_len <= tokens.len(),
+        "--prompt-len outside the token list"
+    );
     let mut engine = Engine::new(Gpu::open()?, &config, &weights, &EngineOptions::default())?;
     engine.capture()?;
     let (prompt, forced) = tokens.split_at(args.prompt_len);
     let mut logits = engine
-        .start_sequence(0, prompt, forced.len() + 1, &SamplingParams::greedy(), 0, true)?
+        .start_sequence(
+            0,
+            prompt,
+            forced.len() + 1,
+            &SamplingParams::greedy(),
+            0,
+            true,
+        )?
         .context("prefill returned no logits")?;
     for &token in forced {
         engine.set_tokens(&[token as i32])?;

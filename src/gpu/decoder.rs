@@ -29,11 +29,22 @@ impl GpuDecoder {
         let ctx = engine.gpu().ctx.clone();
         // SAFETY: page-locked host memory of plain i32; it is only read through as_slice(),
         // which waits for the copy that fills it.
-        let pin = || unsafe { ctx.alloc_pinned_with_flags::<i32>(1, 0) }.context("allocating pinned memory");
+        let pin = || {
+            unsafe { ctx.alloc_pinned_with_flags::<i32>(1, 0) }.context("allocating pinned memory")
+        };
         let landing = [pin()?, pin()?];
         let event = || ctx.new_event(None).context("creating a CUDA event");
         let landed = [event()?, event()?];
-        Ok(Self { engine, params, max_new_tokens, landing, landed, launched: 0, delivered: 0, limit: 0 })
+        Ok(Self {
+            engine,
+            params,
+            max_new_tokens,
+            landing,
+            landed,
+            launched: 0,
+            delivered: 0,
+            limit: 0,
+        })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -44,7 +55,10 @@ impl GpuDecoder {
     fn land(&mut self) -> Result<()> {
         let slot = self.launched % 2;
         let engine = &self.engine;
-        engine.gpu().stream.memcpy_dtoh(&engine.tokens().slice(0..1), &mut self.landing[slot])?;
+        engine
+            .gpu()
+            .stream
+            .memcpy_dtoh(&engine.tokens().slice(0..1), &mut self.landing[slot])?;
         self.landed[slot].record(&engine.gpu().stream)?;
         self.launched += 1;
         Ok(())
@@ -60,7 +74,9 @@ impl GpuDecoder {
 
     fn deliver(&mut self) -> Result<u32> {
         let slot = self.delivered % 2;
-        self.landed[slot].synchronize().context("waiting for the GPU")?;
+        self.landed[slot]
+            .synchronize()
+            .context("waiting for the GPU")?;
         let token = self.landing[slot].as_slice().context("reading a token")?[0];
         self.delivered += 1;
         Ok(token as u32)
@@ -73,8 +89,11 @@ impl Decoder for GpuDecoder {
     }
 
     fn start(&mut self, prompt: &[u32]) -> Result<u32> {
-        self.engine.start_sequence(0, prompt, self.max_new_tokens, &self.params, 0, false)?;
-        self.limit = self.max_new_tokens.min(self.engine.context_limit() - prompt.len());
+        self.engine
+            .start_sequence(0, prompt, self.max_new_tokens, &self.params, 0, false)?;
+        self.limit = self
+            .max_new_tokens
+            .min(self.engine.context_limit() - prompt.len());
         self.launched = 0;
         self.delivered = 0;
         self.land()?; // token 0, sampled at the end of prefill
@@ -83,7 +102,10 @@ impl Decoder for GpuDecoder {
     }
 
     fn next_token(&mut self) -> Result<u32> {
-        anyhow::ensure!(self.delivered < self.limit, "the sequence has used all of its KV blocks");
+        anyhow::ensure!(
+            self.delivered < self.limit,
+            "the sequence has used all of its KV blocks"
+        );
         self.launch_next()?;
         self.deliver()
     }

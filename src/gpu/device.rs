@@ -33,7 +33,9 @@ impl Gpu {
     }
 
     pub fn name(&self) -> String {
-        self.ctx.name().unwrap_or_else(|_| "unknown GPU".to_string())
+        self.ctx
+            .name()
+            .unwrap_or_else(|_| "unknown GPU".to_string())
     }
 
     /// The stream as the C ABI sees it.
@@ -42,9 +44,12 @@ impl Gpu {
     }
 
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        self.stream
-            .alloc_zeros::<T>(len.max(1))
-            .with_context(|| format!("allocating {} bytes on the GPU", len * std::mem::size_of::<T>()))
+        self.stream.alloc_zeros::<T>(len.max(1)).with_context(|| {
+            format!(
+                "allocating {} bytes on the GPU",
+                len * std::mem::size_of::<T>()
+            )
+        })
     }
 
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
@@ -52,9 +57,16 @@ impl Gpu {
     }
 
     pub fn write<T: DeviceRepr>(&self, dst: &mut CudaSlice<T>, host: &[T]) -> Result<()> {
-        anyhow::ensure!(host.len() <= dst.len(), "write of {} elements into a buffer of {}", host.len(), dst.len());
+        anyhow::ensure!(
+            host.len() <= dst.len(),
+            "write of {} elements into a buffer of {}",
+            host.len(),
+            dst.len()
+        );
         let mut view = dst.slice_mut(0..host.len());
-        self.stream.memcpy_htod(host, &mut view).context("copying to the GPU")
+        self.stream
+            .memcpy_htod(host, &mut view)
+            .context("copying to the GPU")
     }
 
     pub fn download<T: DeviceRepr + Default + Clone>(&self, src: &CudaSlice<T>) -> Result<Vec<T>> {

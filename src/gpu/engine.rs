@@ -11,7 +11,9 @@ use anyhow::{ensure, Context, Result};
 use cudarc::driver::{sys, CudaGraph, CudaSlice};
 
 use super::forward::{Forward, StepBuffers};
-use super::kernels::{self, SampleState, SamplingParamsRaw, BLOCK_TOKENS, MAX_TOP_K, SAMPLE_CHUNKS};
+use super::kernels::{
+    self, SampleState, SamplingParamsRaw, BLOCK_TOKENS, MAX_TOP_K, SAMPLE_CHUNKS,
+};
 use super::kv_cache::{bytes_per_position, KvCache};
 use super::weights::DeviceWeights;
 use super::Gpu;
@@ -31,7 +33,11 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { max_batch: 1, kv_cache_bytes: None, prefill_chunk: 2048 }
+        Self {
+            max_batch: 1,
+            kv_cache_bytes: None,
+            prefill_chunk: 2048,
+        }
     }
 }
 
@@ -43,9 +49,9 @@ fn decode_splits(batch: usize) -> usize {
 pub struct Engine {
     forward: Forward, // the GPU, config, weights and block tables [max_batch, max_blocks]
     cache: KvCache,
-    decode: StepBuffers,          // rows = max_batch, row b = slot b
-    prefill: StepBuffers,         // rows = prefill_chunk
-    logits: CudaSlice<f32>,       // [max_batch, vocab]
+    decode: StepBuffers,                  // rows = max_batch, row b = slot b
+    prefill: StepBuffers,                 // rows = prefill_chunk
+    logits: CudaSlice<f32>,               // [max_batch, vocab]
     params: CudaSlice<SamplingParamsRaw>, // [max_batch]
     steps: CudaSlice<u32>,                // [max_batch]
     cand_values: CudaSlice<f32>,          // [max_batch, 128, 64]
@@ -56,9 +62,18 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(gpu: Gpu, config: &ModelConfig, host_weights: &ModelWeights, options: &EngineOptions) -> Result<Self> {
-        ensure!(options.max_batch >= 1 && options.prefill_chunk >= 1, "batch and prefill chunk must be positive");
-        let weights = DeviceWeights::upload(&gpu, config, host_weights).context("uploading the weights")?;
+    pub fn new(
+        gpu: Gpu,
+        config: &ModelConfig,
+        host_weights: &ModelWeights,
+        options: &EngineOptions,
+    ) -> Result<Self> {
+        ensure!(
+            options.max_batch >= 1 && options.prefill_chunk >= 1,
+            "batch and prefill chunk must be positive"
+        );
+        let weights =
+            DeviceWeights::upload(&gpu, config, host_weights).context("uploading the weights")?;
         let b = options.max_batch;
         let decode = StepBuffers::new(&gpu, b, decode_splits(b))?;
         let prefill = StepBuffers::new(&gpu, options.prefill_chunk, 1)?;
@@ -80,7 +95,13 @@ impl Engine {
         let context_limit = config.max_positions.min(cache.blocks() * BLOCK_TOKENS);
         let max_blocks = context_limit.div_ceil(BLOCK_TOKENS);
         let block_tables = gpu.alloc(b * max_blocks)?;
-        let forward = Forward { gpu, config: config.clone(), weights, block_tables, max_blocks };
+        let forward = Forward {
+            gpu,
+            config: config.clone(),
+            weights,
+            block_tables,
+            max_blocks,
+        };
         let mut engine = Self {
             forward,
             cache,
@@ -96,9 +117,15 @@ impl Engine {
             context_limit,
         };
         let idle = vec![-1i32; b];
-        engine.forward.gpu.write(&mut engine.decode.positions, &idle)?;
+        engine
+            .forward
+            .gpu
+            .write(&mut engine.decode.positions, &idle)?;
         let slot_rows: Vec<i32> = (0..b as i32).collect();
-        engine.forward.gpu.write(&mut engine.decode.row_seq, &slot_rows)?;
+        engine
+            .forward
+            .gpu
+            .write(&mut engine.decode.row_seq, &slot_rows)?;
         Ok(engine)
     }
 
@@ -140,7 +167,11 @@ impl Engine {
         sequence_id: u32,
         all_logits: bool,
     ) -> Result<Option<Vec<f32>>> {
-        ensure!(slot < self.slots.len(), "slot {slot} outside the batch of {}", self.slots.len());
+        ensure!(
+            slot < self.slots.len(),
+            "slot {slot} outside the batch of {}",
+            self.slots.len()
+        );
         ensure!(!prompt.is_empty(), "the prompt is empty");
         ensure!(
             prompt.len() < self.context_limit,
@@ -148,8 +179,14 @@ impl Engine {
             prompt.len(),
             self.context_limit
         );
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.forward.config.vocab) {
-            anyhow::bail!("token id {bad} is outside the vocabulary ({})", self.forward.config.vocab);
+        if let Some(&bad) = prompt
+            .iter()
+            .find(|&&t| t as usize >= self.forward.config.vocab)
+        {
+            anyhow::bail!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.forward.config.vocab
+            );
         }
         params.validate()?;
         self.finish_sequence(slot)?;
@@ -157,15 +194,27 @@ impl Engine {
         let blocks = self.cache.allocate(positions)?;
         let mut table: Vec<i32> = blocks.iter().map(|&b| b as i32).collect();
         table.resize(self.forward.max_blocks, 0);
-        let mut row = self.forward.block_tables.slice_mut(slot * self.forward.max_blocks..(slot + 1) * self.forward.max_blocks);
+        let mut row = self
+            .forward
+            .block_tables
+            .slice_mut(slot * self.forward.max_blocks..(slot + 1) * self.forward.max_blocks);
         self.forward.gpu.stream.memcpy_htod(&table, &mut row)?;
         self.slots[slot] = Some(blocks);
 
         let prompt_logits = self.prefill(slot, prompt, all_logits)?;
         let v = self.forward.config.vocab;
-        self.forward.gpu.stream.memcpy_htod(&[raw_params(params, sequence_id)], &mut self.params.slice_mut(slot..slot + 1))?;
-        self.forward.gpu.stream.memcpy_htod(&[prompt.len() as i32 - 1], &mut self.decode.positions.slice_mut(slot..slot + 1))?;
-        self.forward.gpu.stream.memcpy_htod(&[0u32], &mut self.steps.slice_mut(slot..slot + 1))?;
+        self.forward.gpu.stream.memcpy_htod(
+            &[raw_params(params, sequence_id)],
+            &mut self.params.slice_mut(slot..slot + 1),
+        )?;
+        self.forward.gpu.stream.memcpy_htod(
+            &[prompt.len() as i32 - 1],
+            &mut self.decode.positions.slice_mut(slot..slot + 1),
+        )?;
+        self.forward
+            .gpu
+            .stream
+            .memcpy_htod(&[0u32], &mut self.steps.slice_mut(slot..slot + 1))?;
         let state = SampleState {
             tokens: &mut self.decode.tokens.slice_mut(slot..slot + 1),
             positions: &mut self.decode.positions.slice_mut(slot..slot + 1),
@@ -187,26 +236,44 @@ impl Engine {
 
     /// Runs the prompt through every layer in chunks, writing its K/V; leaves the logits of its
     /// last position in `self.logits[slot]`.
-    fn prefill(&mut self, slot: usize, prompt: &[u32], all_logits: bool) -> Result<Option<Vec<f32>>> {
+    fn prefill(
+        &mut self,
+        slot: usize,
+        prompt: &[u32],
+        all_logits: bool,
+    ) -> Result<Option<Vec<f32>>> {
         let v = self.forward.config.vocab;
         let chunk = self.prefill.rows;
         let mut collected = all_logits.then(|| Vec::with_capacity(prompt.len() * v));
-        let mut chunk_logits = if all_logits { Some(self.forward.gpu.alloc::<f32>(chunk * v)?) } else { None };
+        let mut chunk_logits = if all_logits {
+            Some(self.forward.gpu.alloc::<f32>(chunk * v)?)
+        } else {
+            None
+        };
         for (index, tokens) in prompt.chunks(chunk).enumerate() {
             let start = index * chunk;
             let m = tokens.len();
             let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
             let positions: Vec<i32> = (start..start + m).map(|p| p as i32).collect();
             self.forward.gpu.write(&mut self.prefill.tokens, &ids)?;
-            self.forward.gpu.write(&mut self.prefill.positions, &positions)?;
-            self.forward.gpu.write(&mut self.prefill.row_seq, &vec![slot as i32; m])?;
+            self.forward
+                .gpu
+                .write(&mut self.prefill.positions, &positions)?;
+            self.forward
+                .gpu
+                .write(&mut self.prefill.row_seq, &vec![slot as i32; m])?;
             self.forward.layers(&mut self.prefill, &mut self.cache, m)?;
             if let (Some(all), Some(buffer)) = (collected.as_mut(), chunk_logits.as_mut()) {
                 self.forward.logits(&mut self.prefill, 0, m, buffer)?;
                 all.extend_from_slice(&self.forward.gpu.download(buffer)?[..m * v]);
             }
             if start + m == prompt.len() {
-                self.forward.logits(&mut self.prefill, m - 1, 1, &mut self.logits.slice_mut(slot * v..(slot + 1) * v))?;
+                self.forward.logits(
+                    &mut self.prefill,
+                    m - 1,
+                    1,
+                    &mut self.logits.slice_mut(slot * v..(slot + 1) * v),
+                )?;
             }
         }
         Ok(collected)
@@ -217,7 +284,10 @@ impl Engine {
         if let Some(blocks) = self.slots[slot].take() {
             self.cache.release(blocks);
         }
-        self.forward.gpu.stream.memcpy_htod(&[-1i32], &mut self.decode.positions.slice_mut(slot..slot + 1))?;
+        self.forward.gpu.stream.memcpy_htod(
+            &[-1i32],
+            &mut self.decode.positions.slice_mut(slot..slot + 1),
+        )?;
         Ok(())
     }
 
@@ -226,9 +296,23 @@ impl Engine {
         let b = self.slots.len();
         let v = self.forward.config.vocab;
         self.forward.layers(&mut self.decode, &mut self.cache, b)?;
-        self.forward.logits(&mut self.decode, 0, b, &mut self.logits)?;
-        let state = SampleState { tokens: &mut self.decode.tokens, positions: &mut self.decode.positions, steps: &mut self.steps };
-        kernels::sample(&self.forward.gpu, state, &mut self.cand_values, &mut self.cand_ids, &self.logits, &self.params, b, v)
+        self.forward
+            .logits(&mut self.decode, 0, b, &mut self.logits)?;
+        let state = SampleState {
+            tokens: &mut self.decode.tokens,
+            positions: &mut self.decode.positions,
+            steps: &mut self.steps,
+        };
+        kernels::sample(
+            &self.forward.gpu,
+            state,
+            &mut self.cand_values,
+            &mut self.cand_ids,
+            &self.logits,
+            &self.params,
+            b,
+            v,
+        )
     }
 
     /// Captures one decode step into a CUDA graph; later `step` calls replay it. Returns the
@@ -238,11 +322,20 @@ impl Engine {
         // Once eagerly first: modules load lazily, which must not happen inside a capture.
         self.step_eager()?;
         self.forward.gpu.synchronize()?;
-        self.forward.gpu.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+        self.forward
+            .gpu
+            .stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
         let captured = self.step_eager();
-        let graph = self.forward.gpu.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        let graph = self
+            .forward
+            .gpu
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0));
         captured.context("capturing the decode step")?;
-        let graph = graph.context("instantiating the decode graph")?.context("the capture recorded nothing")?;
+        let graph = graph
+            .context("instantiating the decode graph")?
+            .context("the capture recorded nothing")?;
         let nodes = graph_node_count(&graph)?;
         self.graph = Some(graph);
         Ok(nodes)
@@ -268,7 +361,9 @@ impl Engine {
 
     /// Overrides the positions of the next input tokens (benchmarks hold the context fixed).
     pub fn set_positions(&mut self, positions: &[i32]) -> Result<()> {
-        self.forward.gpu.write(&mut self.decode.positions, positions)
+        self.forward
+            .gpu
+            .write(&mut self.decode.positions, positions)
     }
 
     /// Logits of the last step [max_batch, vocab].
@@ -291,7 +386,11 @@ fn raw_params(params: &SamplingParams, sequence: u32) -> SamplingParamsRaw {
 fn graph_node_count(graph: &CudaGraph) -> Result<usize> {
     let mut count = 0usize;
     // SAFETY: a null node array asks only for the count, written to `count`; the graph is live.
-    let result = unsafe { sys::cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut count) };
-    ensure!(result == sys::CUresult::CUDA_SUCCESS, "cuGraphGetNodes: {result:?}");
+    let result =
+        unsafe { sys::cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut count) };
+    ensure!(
+        result == sys::CUresult::CUDA_SUCCESS,
+        "cuGraphGetNodes: {result:?}"
+    );
     Ok(count)
 }

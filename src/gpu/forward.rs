@@ -5,7 +5,10 @@
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, DevicePtrMut};
 
-use super::kernels::{self, Epilogue, LayerCache, NormEpilogue, Rows, HIDDEN, INTERMEDIATE, KV_HEADS, PARTIAL_FLOATS, Q_HEADS, Q_WIDTH, QKV_WIDTH};
+use super::kernels::{
+    self, Epilogue, LayerCache, NormEpilogue, Rows, HIDDEN, INTERMEDIATE, KV_HEADS, PARTIAL_FLOATS,
+    QKV_WIDTH, Q_HEADS, Q_WIDTH,
+};
 use super::kv_cache::KvCache;
 use super::weights::DeviceWeights;
 use super::Gpu;
@@ -74,30 +77,97 @@ impl Forward {
                 m,
             };
             kernels::norm_linear(
-                gpu, &mut bufs.qkv, &bufs.x, &layer.input_norm, c.rms_eps, &layer.qkv, &mut bufs.h, (m, QKV_WIDTH, HIDDEN), NormEpilogue::Store,
+                gpu,
+                &mut bufs.qkv,
+                &bufs.x,
+                &layer.input_norm,
+                c.rms_eps,
+                &layer.qkv,
+                &mut bufs.h,
+                (m, QKV_WIDTH, HIDDEN),
+                NormEpilogue::Store,
             )?;
             {
                 let (mut k, mut v) = cache.layer_mut(i);
-                let layer_cache = LayerCache { k: &mut k, v: &mut v };
+                let layer_cache = LayerCache {
+                    k: &mut k,
+                    v: &mut v,
+                };
                 kernels::qk_norm_rope_cache(
-                    gpu, &mut bufs.q, layer_cache, &bufs.qkv, &layer.q_norm, &layer.k_norm, &w.rope_inv_freq, &rows, c.rms_eps,
+                    gpu,
+                    &mut bufs.q,
+                    layer_cache,
+                    &bufs.qkv,
+                    &layer.q_norm,
+                    &layer.k_norm,
+                    &w.rope_inv_freq,
+                    &rows,
+                    c.rms_eps,
                 )?;
             }
             let (k, v) = cache.layer(i);
-            kernels::attention(gpu, &mut bufs.attn, &mut bufs.partials, &mut bufs.counters, &bufs.q, &k, &v, &rows, bufs.splits)?;
-            kernels::linear(gpu, &mut bufs.x, &bufs.attn, &layer.o, (m, HIDDEN, Q_WIDTH), Epilogue::AddResidual)?;
-            kernels::norm_linear(
-                gpu, &mut bufs.act, &bufs.x, &layer.post_norm, c.rms_eps, &layer.gate_up, &mut bufs.h, (m, 2 * INTERMEDIATE, HIDDEN), NormEpilogue::SwiGlu,
+            kernels::attention(
+                gpu,
+                &mut bufs.attn,
+                &mut bufs.partials,
+                &mut bufs.counters,
+                &bufs.q,
+                &k,
+                &v,
+                &rows,
+                bufs.splits,
             )?;
-            kernels::linear(gpu, &mut bufs.x, &bufs.act, &layer.down, (m, HIDDEN, INTERMEDIATE), Epilogue::AddResidual)?;
+            kernels::linear(
+                gpu,
+                &mut bufs.x,
+                &bufs.attn,
+                &layer.o,
+                (m, HIDDEN, Q_WIDTH),
+                Epilogue::AddResidual,
+            )?;
+            kernels::norm_linear(
+                gpu,
+                &mut bufs.act,
+                &bufs.x,
+                &layer.post_norm,
+                c.rms_eps,
+                &layer.gate_up,
+                &mut bufs.h,
+                (m, 2 * INTERMEDIATE, HIDDEN),
+                NormEpilogue::SwiGlu,
+            )?;
+            kernels::linear(
+                gpu,
+                &mut bufs.x,
+                &bufs.act,
+                &layer.down,
+                (m, HIDDEN, INTERMEDIATE),
+                Epilogue::AddResidual,
+            )?;
         }
         Ok(())
     }
 
     /// Final norm and LM head for rows `first..first + m` of `bufs.x` into logits [m, vocab].
-    pub fn logits(&self, bufs: &mut StepBuffers, first: usize, m: usize, logits: &mut impl DevicePtrMut<f32>) -> Result<()> {
+    pub fn logits(
+        &self,
+        bufs: &mut StepBuffers,
+        first: usize,
+        m: usize,
+        logits: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
         let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
         let x_rows = bufs.x.slice(first * HIDDEN..(first + m) * HIDDEN);
-        kernels::norm_linear(gpu, logits, &x_rows, &w.final_norm, c.rms_eps, w.lm_head(), &mut bufs.h, (m, c.vocab, HIDDEN), NormEpilogue::Store)
+        kernels::norm_linear(
+            gpu,
+            logits,
+            &x_rows,
+            &w.final_norm,
+            c.rms_eps,
+            w.lm_head(),
+            &mut bufs.h,
+            (m, c.vocab, HIDDEN),
+            NormEpilogue::Store,
+        )
     }
 }

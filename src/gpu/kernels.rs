@@ -33,12 +33,17 @@ pub enum Epilogue {
 }
 
 fn fits<T>(buffer: &impl DeviceSlice<T>, needed: usize, name: &str) -> Result<()> {
-    ensure!(buffer.len() >= needed, "{name}: buffer of {} elements, launch needs {needed}", buffer.len());
+    ensure!(
+        buffer.len() >= needed,
+        "{name}: buffer of {} elements, launch needs {needed}",
+        buffer.len()
+    );
     Ok(())
 }
 
 fn dim(value: usize, name: &str) -> Result<i32> {
-    i32::try_from(value).map_err(|_| anyhow::anyhow!("{name} = {value} does not fit the kernel ABI"))
+    i32::try_from(value)
+        .map_err(|_| anyhow::anyhow!("{name} = {value} does not fit the kernel ABI"))
 }
 
 fn p<T>(gpu: &Gpu, buffer: &impl DevicePtr<T>) -> *const T {
@@ -64,7 +69,17 @@ pub fn embedding(
     fits(tokens, m, "embedding tokens")?;
     let (mi, hi, vi) = (dim(m, "m")?, dim(hidden, "hidden")?, dim(vocab, "vocab")?);
     // SAFETY: lengths checked above; all pointers are live device buffers used on gpu.stream.
-    let code = unsafe { ffi::bi_embedding(pm(gpu, x), p(gpu, table), p(gpu, tokens), mi, hi, vi, gpu.raw_stream()) };
+    let code = unsafe {
+        ffi::bi_embedding(
+            pm(gpu, x),
+            p(gpu, table),
+            p(gpu, tokens),
+            mi,
+            hi,
+            vi,
+            gpu.raw_stream(),
+        )
+    };
     check(code, "bi_embedding")
 }
 
@@ -83,15 +98,18 @@ pub fn rmsnorm(
     fits(weight, hidden, "rmsnorm weight")?;
     let (mi, hi) = (dim(m, "m")?, dim(hidden, "hidden")?);
     // SAFETY: lengths checked above; all pointers are live device buffers used on gpu.stream.
-    let code = unsafe { ffi::bi_rmsnorm(pm(gpu, out), p(gpu, x), p(gpu, weight), mi, hi, eps, gpu.raw_stream()) };
+    let code = unsafe {
+        ffi::bi_rmsnorm(
+            pm(gpu, out),
+            p(gpu, x),
+            p(gpu, weight),
+            mi,
+            hi,
+            eps,
+            gpu.raw_stream(),
+        )
+    };
     check(code, "bi_rmsnorm")
-}
-
-fn linear_raw(gpu: &Gpu, out: *mut std::ffi::c_void, a: *const u16, w: *const u16, m: usize, n: usize, k: usize, epilogue: ffi::bi_epilogue) -> Result<()> {
-    let (mi, ni, ki) = (dim(m, "m")?, dim(n, "n")?, dim(k, "k")?);
-    // SAFETY: the callers checked every buffer against m, n and k; pointers are live device memory.
-    let code = unsafe { ffi::bi_linear(out, a, w, mi, ni, ki, epilogue, gpu.raw_stream()) };
-    check(code, "bi_linear")
 }
 
 /// out f32 [m, n] (= or +=) a[m, k] . w[n, k]^T on tensor cores.
@@ -110,7 +128,21 @@ pub fn linear(
         Epilogue::Store => ffi::bi_epilogue_BI_EPILOGUE_STORE_F32,
         Epilogue::AddResidual => ffi::bi_epilogue_BI_EPILOGUE_ADD_RESIDUAL,
     };
-    linear_raw(gpu, pm(gpu, out).cast(), p(gpu, a), p(gpu, w), m, n, k, kind)
+    let (mi, ni, ki) = (dim(m, "m")?, dim(n, "n")?, dim(k, "k")?);
+    // SAFETY: every buffer was checked against m, n and k above; pointers are live device memory.
+    let code = unsafe {
+        ffi::bi_linear(
+            pm(gpu, out).cast(),
+            p(gpu, a),
+            p(gpu, w),
+            mi,
+            ni,
+            ki,
+            kind,
+            gpu.raw_stream(),
+        )
+    };
+    check(code, "bi_linear")
 }
 
 /// out f32 [m, n] (= or +=) rmsnorm(x[m, k]) * norm . w[n, k]^T: RMSNorm fused in front of the
@@ -143,7 +175,19 @@ pub fn norm_linear<O>(
     let (mi, ni, ki) = (dim(m, "m")?, dim(n, "n")?, dim(k, "k")?);
     // SAFETY: every buffer was checked against m, n and k above; pointers are live device memory.
     let code = unsafe {
-        ffi::bi_norm_linear(pm(gpu, out).cast(), p(gpu, x), p(gpu, norm), eps, p(gpu, w), pm(gpu, scratch), mi, ni, ki, kind, gpu.raw_stream())
+        ffi::bi_norm_linear(
+            pm(gpu, out).cast(),
+            p(gpu, x),
+            p(gpu, norm),
+            eps,
+            p(gpu, w),
+            pm(gpu, scratch),
+            mi,
+            ni,
+            ki,
+            kind,
+            gpu.raw_stream(),
+        )
     };
     check(code, "bi_norm_linear")
 }
@@ -153,20 +197,6 @@ pub fn norm_linear<O>(
 pub enum NormEpilogue {
     Store,
     SwiGlu,
-}
-
-/// out bf16 [m, n/2] = silu(h . gate^T) * (h . up^T), with w [n, k] interleaving gate and up rows.
-pub fn linear_swiglu(
-    gpu: &Gpu,
-    out: &mut impl DevicePtrMut<u16>,
-    a: &impl DevicePtr<u16>,
-    w: &impl DevicePtr<u16>,
-    (m, n, k): (usize, usize, usize),
-) -> Result<()> {
-    fits(out, m * n / 2, "swiglu out")?;
-    fits(a, m * k, "swiglu a")?;
-    fits(w, n * k, "swiglu w")?;
-    linear_raw(gpu, pm(gpu, out).cast(), p(gpu, a), p(gpu, w), m, n, k, ffi::bi_epilogue_BI_EPILOGUE_SWIGLU)
 }
 
 /// Row bookkeeping shared by the attention-side kernels: which sequence and position each row
@@ -213,15 +243,29 @@ pub fn qk_norm_rope_cache<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
     fits(q_norm, HEAD_DIM, "q_norm")?;
     fits(k_norm, HEAD_DIM, "k_norm")?;
     fits(rope_inv_freq, HEAD_DIM / 2, "rope_inv_freq")?;
-    ensure!(cache.k.len() == cache.v.len() && cache.k.len() % (KV_WIDTH * BLOCK_TOKENS) == 0, "layer cache shape");
+    ensure!(
+        cache.k.len() == cache.v.len() && cache.k.len() % (KV_WIDTH * BLOCK_TOKENS) == 0,
+        "layer cache shape"
+    );
     let (m, max_blocks) = (dim(rows.m, "m")?, dim(rows.max_blocks, "max_blocks")?);
     // SAFETY: lengths checked above; block ids in the tables come from the host allocator, which
     // hands out only blocks inside this cache; pointers are live device buffers on gpu.stream.
     let code = unsafe {
         ffi::bi_qk_norm_rope_cache(
-            pm(gpu, q), pm(gpu, cache.k), pm(gpu, cache.v), p(gpu, qkv), p(gpu, q_norm), p(gpu, k_norm),
-            p(gpu, rope_inv_freq), p(gpu, rows.positions), p(gpu, rows.row_seq), p(gpu, rows.block_tables),
-            m, max_blocks, eps, gpu.raw_stream(),
+            pm(gpu, q),
+            pm(gpu, cache.k),
+            pm(gpu, cache.v),
+            p(gpu, qkv),
+            p(gpu, q_norm),
+            p(gpu, k_norm),
+            p(gpu, rope_inv_freq),
+            p(gpu, rows.positions),
+            p(gpu, rows.row_seq),
+            p(gpu, rows.block_tables),
+            m,
+            max_blocks,
+            eps,
+            gpu.raw_stream(),
         )
     };
     check(code, "bi_qk_norm_rope_cache")
@@ -242,15 +286,34 @@ pub fn attention<P: DevicePtr<i32>>(
 ) -> Result<()> {
     rows.check()?;
     fits(out, rows.m * Q_WIDTH, "attention out")?;
-    fits(partials, rows.m * Q_HEADS * splits * PARTIAL_FLOATS, "attention partials")?;
+    fits(
+        partials,
+        rows.m * Q_HEADS * splits * PARTIAL_FLOATS,
+        "attention partials",
+    )?;
     fits(q, rows.m * Q_WIDTH, "attention q")?;
     fits(counters, rows.m * KV_HEADS, "attention counters")?;
-    let (m, max_blocks, s) = (dim(rows.m, "m")?, dim(rows.max_blocks, "max_blocks")?, dim(splits, "splits")?);
+    let (m, max_blocks, s) = (
+        dim(rows.m, "m")?,
+        dim(rows.max_blocks, "max_blocks")?,
+        dim(splits, "splits")?,
+    );
     // SAFETY: lengths checked above; block ids come from the host allocator; pointers are live.
     let code = unsafe {
         ffi::bi_attention(
-            pm(gpu, out), pm(gpu, partials), pm(gpu, counters), p(gpu, q), p(gpu, k_cache), p(gpu, v_cache), p(gpu, rows.positions),
-            p(gpu, rows.row_seq), p(gpu, rows.block_tables), m, max_blocks, s, gpu.raw_stream(),
+            pm(gpu, out),
+            pm(gpu, partials),
+            pm(gpu, counters),
+            p(gpu, q),
+            p(gpu, k_cache),
+            p(gpu, v_cache),
+            p(gpu, rows.positions),
+            p(gpu, rows.row_seq),
+            p(gpu, rows.block_tables),
+            m,
+            max_blocks,
+            s,
+            gpu.raw_stream(),
         )
     };
     check(code, "bi_attention")
@@ -264,6 +327,7 @@ pub struct SampleState<'a, I: DevicePtrMut<i32>, U: DevicePtrMut<u32>> {
 }
 
 /// Samples one token per row of logits [batch, vocab] f32 on the device.
+#[allow(clippy::too_many_arguments)]
 pub fn sample<I: DevicePtrMut<i32>, U: DevicePtrMut<u32>>(
     gpu: &Gpu,
     state: SampleState<'_, I, U>,
@@ -277,16 +341,32 @@ pub fn sample<I: DevicePtrMut<i32>, U: DevicePtrMut<u32>>(
     fits(state.tokens, batch, "sample tokens")?;
     fits(state.positions, batch, "sample positions")?;
     fits(state.steps, batch, "sample steps")?;
-    fits(cand_values, batch * SAMPLE_CHUNKS * MAX_TOP_K, "sample candidates")?;
-    fits(cand_ids, batch * SAMPLE_CHUNKS * MAX_TOP_K, "sample candidates")?;
+    fits(
+        cand_values,
+        batch * SAMPLE_CHUNKS * MAX_TOP_K,
+        "sample candidates",
+    )?;
+    fits(
+        cand_ids,
+        batch * SAMPLE_CHUNKS * MAX_TOP_K,
+        "sample candidates",
+    )?;
     fits(logits, batch * vocab, "sample logits")?;
     fits(params, batch, "sample params")?;
     let (b, v) = (dim(batch, "batch")?, dim(vocab, "vocab")?);
     // SAFETY: lengths checked above; all pointers are live device buffers used on gpu.stream.
     let code = unsafe {
         ffi::bi_sample(
-            pm(gpu, state.tokens), pm(gpu, state.positions), pm(gpu, state.steps), pm(gpu, cand_values),
-            pm(gpu, cand_ids), p(gpu, logits), p(gpu, params), b, v, gpu.raw_stream(),
+            pm(gpu, state.tokens),
+            pm(gpu, state.positions),
+            pm(gpu, state.steps),
+            pm(gpu, cand_values),
+            pm(gpu, cand_ids),
+            p(gpu, logits),
+            p(gpu, params),
+            b,
+            v,
+            gpu.raw_stream(),
         )
     };
     check(code, "bi_sample")

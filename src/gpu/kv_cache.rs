@@ -29,11 +29,24 @@ impl KvCache {
     /// A cache of `bytes` (rounded down to whole blocks) for `layers` layers.
     pub fn new(gpu: &Gpu, layers: usize, bytes: usize) -> Result<Self> {
         let blocks = bytes / (bytes_per_position(layers) * BLOCK_TOKENS);
-        ensure!(blocks > 0, "a KV cache of {bytes} bytes holds no block of {BLOCK_TOKENS} positions");
+        ensure!(
+            blocks > 0,
+            "a KV cache of {bytes} bytes holds no block of {BLOCK_TOKENS} positions"
+        );
         let elements = layers * blocks * BLOCK_TOKENS * KV_WIDTH;
-        let k = gpu.alloc::<u16>(elements).context("allocating the KV cache (try a smaller --kv-cache-gb)")?;
-        let v = gpu.alloc::<u16>(elements).context("allocating the KV cache (try a smaller --kv-cache-gb)")?;
-        Ok(Self { k, v, layers, blocks, free: (0..blocks as u32).rev().collect() })
+        let k = gpu
+            .alloc::<u16>(elements)
+            .context("allocating the KV cache (try a smaller --kv-cache-gb)")?;
+        let v = gpu
+            .alloc::<u16>(elements)
+            .context("allocating the KV cache (try a smaller --kv-cache-gb)")?;
+        Ok(Self {
+            k,
+            v,
+            layers,
+            blocks,
+            free: (0..blocks as u32).rev().collect(),
+        })
     }
 
     pub fn blocks(&self) -> usize {

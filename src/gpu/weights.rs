@@ -21,7 +21,7 @@ pub struct DeviceLayer {
 }
 
 pub struct DeviceWeights {
-    pub embed: CudaSlice<u16>,      // [vocab, 1024]
+    pub embed: CudaSlice<u16>, // [vocab, 1024]
     pub layers: Vec<DeviceLayer>,
     pub final_norm: CudaSlice<u16>, // [1024]
     /// None: tied to `embed`.
@@ -35,7 +35,10 @@ pub struct DeviceWeights {
 /// Checks that `config` has the per-layer shapes the kernels are compiled for.
 pub fn check_kernel_shapes(config: &ModelConfig) -> Result<()> {
     let expect = |name: &str, got: usize, want: usize| {
-        ensure!(got == want, "the CUDA kernels are built for Qwen3-0.6B: {name} must be {want}, found {got}");
+        ensure!(
+            got == want,
+            "the CUDA kernels are built for Qwen3-0.6B: {name} must be {want}, found {got}"
+        );
         Ok(())
     };
     expect("hidden_size", config.hidden, HIDDEN)?;
@@ -43,12 +46,19 @@ pub fn check_kernel_shapes(config: &ModelConfig) -> Result<()> {
     expect("num_attention_heads", config.q_heads, Q_HEADS)?;
     expect("num_key_value_heads", config.kv_heads, KV_HEADS)?;
     expect("head_dim", config.head_dim, HEAD_DIM)?;
-    ensure!(config.vocab % 16 == 0, "vocab_size must be a multiple of 16 for the LM head kernel, found {}", config.vocab);
+    ensure!(
+        config.vocab % 16 == 0,
+        "vocab_size must be a multiple of 16 for the LM head kernel, found {}",
+        config.vocab
+    );
     Ok(())
 }
 
 fn bits(tensors: &[&HostTensor]) -> Vec<u16> {
-    tensors.iter().flat_map(|t| t.data.iter().map(|v| v.to_bits())).collect()
+    tensors
+        .iter()
+        .flat_map(|t| t.data.iter().map(|v| v.to_bits()))
+        .collect()
 }
 
 /// Rows of `gate` and `up` ([intermediate, hidden] each) interleaved.
@@ -64,7 +74,11 @@ fn interleave_rows(gate: &HostTensor, up: &HostTensor) -> Vec<u16> {
 /// RoPE inverse frequencies, computed exactly as the CPU reference does.
 pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
     (0..config.head_dim / 2)
-        .map(|i| (1.0 / config.rope_theta.powf(2.0 * i as f64 / config.head_dim as f64)) as f32)
+        .map(|i| {
+            (1.0 / config
+                .rope_theta
+                .powf(2.0 * i as f64 / config.head_dim as f64)) as f32
+        })
         .collect()
 }
 
@@ -90,11 +104,26 @@ impl DeviceWeights {
             .collect::<Result<Vec<_>>>()?;
         let embed = up(bits(&[&weights.embed]))?;
         let final_norm = up(bits(&[&weights.final_norm]))?;
-        let lm_head = weights.lm_head.as_ref().map(|t| up(bits(&[t]))).transpose()?;
-        let layer_bytes: usize = weights.layers.iter().map(|l| l.named().iter().map(|(_, t)| t.bytes()).sum::<usize>()).sum();
+        let lm_head = weights
+            .lm_head
+            .as_ref()
+            .map(|t| up(bits(&[t])))
+            .transpose()?;
+        let layer_bytes: usize = weights
+            .layers
+            .iter()
+            .map(|l| l.named().iter().map(|(_, t)| t.bytes()).sum::<usize>())
+            .sum();
         let step_bytes = layer_bytes + weights.final_norm.bytes() + weights.lm_head().bytes();
         let rope_inv_freq = gpu.upload(&rope_inv_freq(config))?;
-        Ok(Self { embed, layers, final_norm, lm_head, rope_inv_freq, step_bytes })
+        Ok(Self {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope_inv_freq,
+            step_bytes,
+        })
     }
 
     pub fn lm_head(&self) -> &CudaSlice<u16> {

@@ -13,7 +13,9 @@ pub fn tokenizer_dir() -> PathBuf {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// A fresh, empty directory under the system temp dir.
@@ -52,7 +54,9 @@ pub fn small_model_dir(name: &str, config: &ModelConfig) -> PathBuf {
 pub fn gpu_or_skip(test: &str) -> Option<Gpu> {
     match Gpu::open() {
         Ok(gpu) => Some(gpu),
-        Err(e) if std::env::var_os("BRAIDINFER_REQUIRE_GPU").is_some() => panic!("{test}: no GPU: {e:#}"),
+        Err(e) if std::env::var_os("BRAIDINFER_REQUIRE_GPU").is_some() => {
+            panic!("{test}: no GPU: {e:#}")
+        }
         Err(e) => {
             eprintln!("SKIPPED {test}: no GPU ({e:#})");
             None
