@@ -64,7 +64,8 @@ fn stream(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
 fn streaming_never_splits_a_character_and_matches_the_full_decode() {
     let tok = tokenizer();
     for text in [
-        "你好，世界！今天天气很好。",
+        "齉龘靐，饕餮与魑魅魍魉。",
+        "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ∮ ∑ ∫ 🦀",
         "Emoji: 🎉🚀👍🏽 family 👨‍👩‍👧 done",
         "naïve café Ελληνικά 日本語",
     ] {
