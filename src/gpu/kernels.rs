@@ -3,7 +3,7 @@
 //! bf16 buffers hold raw bits (`u16`).
 
 use anyhow::{ensure, Result};
-use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceSlice};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use super::device::{check, Gpu};
 use super::ffi;
@@ -44,6 +44,16 @@ fn fits<T>(buffer: &impl DeviceSlice<T>, needed: usize, name: &str) -> Result<()
 fn dim(value: usize, name: &str) -> Result<i32> {
     i32::try_from(value)
         .map_err(|_| anyhow::anyhow!("{name} = {value} does not fit the kernel ABI"))
+}
+
+/// The weights of a later kernel, pulled into L2 while this one runs (None: nothing).
+pub type Prefetch<'a> = Option<&'a CudaSlice<u16>>;
+
+fn prefetch_arg(gpu: &Gpu, next: Prefetch<'_>) -> (*const std::ffi::c_void, usize) {
+    match next {
+        Some(weights) => (p(gpu, weights).cast(), weights.num_bytes()),
+        None => (std::ptr::null(), 0),
+    }
 }
 
 fn p<T>(gpu: &Gpu, buffer: &impl DevicePtr<T>) -> *const T {
@@ -120,6 +130,7 @@ pub fn linear(
     w: &impl DevicePtr<u16>,
     (m, n, k): (usize, usize, usize),
     epilogue: Epilogue,
+    next: Prefetch<'_>,
 ) -> Result<()> {
     fits(out, m * n, "linear out")?;
     fits(a, m * k, "linear a")?;
@@ -129,6 +140,7 @@ pub fn linear(
         Epilogue::AddResidual => ffi::bi_epilogue_BI_EPILOGUE_ADD_RESIDUAL,
     };
     let (mi, ni, ki) = (dim(m, "m")?, dim(n, "n")?, dim(k, "k")?);
+    let (prefetch, prefetch_bytes) = prefetch_arg(gpu, next);
     // SAFETY: every buffer was checked against m, n and k above; pointers are live device memory.
     let code = unsafe {
         ffi::bi_linear(
@@ -139,6 +151,8 @@ pub fn linear(
             ni,
             ki,
             kind,
+            prefetch,
+            prefetch_bytes,
             gpu.raw_stream(),
         )
     };
@@ -158,6 +172,7 @@ pub fn norm_linear<O>(
     scratch: &mut impl DevicePtrMut<u16>,
     (m, n, k): (usize, usize, usize),
     epilogue: NormEpilogue,
+    next: Prefetch<'_>,
 ) -> Result<()> {
     let out_len = match epilogue {
         NormEpilogue::Store => m * n,
@@ -173,6 +188,7 @@ pub fn norm_linear<O>(
         NormEpilogue::SwiGlu => ffi::bi_epilogue_BI_EPILOGUE_SWIGLU,
     };
     let (mi, ni, ki) = (dim(m, "m")?, dim(n, "n")?, dim(k, "k")?);
+    let (prefetch, prefetch_bytes) = prefetch_arg(gpu, next);
     // SAFETY: every buffer was checked against m, n and k above; pointers are live device memory.
     let code = unsafe {
         ffi::bi_norm_linear(
@@ -186,6 +202,8 @@ pub fn norm_linear<O>(
             ni,
             ki,
             kind,
+            prefetch,
+            prefetch_bytes,
             gpu.raw_stream(),
         )
     };
@@ -283,6 +301,7 @@ pub fn attention<P: DevicePtr<i32>>(
     v_cache: &impl DevicePtr<u16>,
     rows: &Rows<'_, P>,
     splits: usize,
+    next: Prefetch<'_>,
 ) -> Result<()> {
     rows.check()?;
     fits(out, rows.m * Q_WIDTH, "attention out")?;
@@ -298,6 +317,7 @@ pub fn attention<P: DevicePtr<i32>>(
         dim(rows.max_blocks, "max_blocks")?,
         dim(splits, "splits")?,
     );
+    let (prefetch, prefetch_bytes) = prefetch_arg(gpu, next);
     // SAFETY: lengths checked above; block ids come from the host allocator; pointers are live.
     let code = unsafe {
         ffi::bi_attention(
@@ -313,6 +333,8 @@ pub fn attention<P: DevicePtr<i32>>(
             m,
             max_blocks,
             s,
+            prefetch,
+            prefetch_bytes,
             gpu.raw_stream(),
         )
     };
