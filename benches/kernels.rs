@@ -70,7 +70,7 @@ fn main() -> Result<()> {
     let row_seq = gpu.upload(&[0i32])?;
     let tables = gpu.upload(&(0..blocks as i32).collect::<Vec<_>>())?;
     let rope = gpu.upload(&vec![0.01f32; 64])?;
-    let splits = 33;
+    let splits = 32;
     let mut partials = gpu.alloc::<f32>(16 * splits * kernels::PARTIAL_FLOATS)?;
     let mut counters = gpu.alloc::<i32>(8)?;
     let per_layer = blocks * 16 * KV_WIDTH;

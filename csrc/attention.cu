@@ -15,6 +15,8 @@ constexpr int kTokensPerWarp = bi::kWarp / kParts;  // tokens a warp scores at o
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kGroup == 2, "the kernel keeps two query heads per kv head in registers");
 static_assert(kDimsPerLane % 8 == 0, "each lane reads its dims as 16-byte vectors");
+// A range shorter than this is not worth a block of its own: short contexts use fewer splits.
+constexpr int kMinSplitTokens = 64;
 
 __device__ __forceinline__ void load_dims(float (&dst)[kDimsPerLane], const bi_bf16 *src) {
 #pragma unroll
@@ -46,17 +48,15 @@ __device__ __forceinline__ void merge(Running &r, float other_max, float other_s
     r.max = new_max;
 }
 
-// Merges the `splits` ranges of one head into out[d] (bf16); L2 reads: other blocks wrote them.
-__device__ __forceinline__ void combine(bi_bf16 *out, const float *p, int splits, int d) {
+// Merges `active` ranges of one head (staged in shared memory) into out[d] (bf16).
+__device__ __forceinline__ void combine(bi_bf16 *out, const float (*p)[BI_PARTIAL_FLOATS], int active, int d) {
     float best = -INFINITY;
-    for (int s = 0; s < splits; ++s) best = fmaxf(best, __ldcg(p + s * BI_PARTIAL_FLOATS));
+    for (int s = 0; s < active; ++s) best = fmaxf(best, p[s][0]);
     float sum = 0.0f, acc = 0.0f;
-#pragma unroll 4
-    for (int s = 0; s < splits; ++s) {
-        const float m = __ldcg(p + s * BI_PARTIAL_FLOATS);
-        const float scale = m == -INFINITY ? 0.0f : exp2f(m - best);  // an empty range adds nothing
-        sum += __ldcg(p + s * BI_PARTIAL_FLOATS + 1) * scale;
-        acc += __ldcg(p + s * BI_PARTIAL_FLOATS + 2 + d) * scale;
+    for (int s = 0; s < active; ++s) {
+        const float scale = p[s][0] == -INFINITY ? 0.0f : exp2f(p[s][0] - best);  // an empty range adds nothing
+        sum += p[s][1] * scale;
+        acc += p[s][2 + d] * scale;
     }
     out[d] = bi::f32_to_bf16(acc / sum);
 }
@@ -82,8 +82,10 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
         return;
     }
     const int kv_len = pos + 1;
-    const int chunk = (kv_len + splits - 1) / splits;
-    const int begin = split * chunk, end = min(kv_len, begin + chunk);
+    const int active = min(splits, (kv_len + kMinSplitTokens - 1) / kMinSplitTokens);
+    const int chunk = (kv_len + active - 1) / active;
+    // Blocks past `active` have no range; they only count themselves in below.
+    const int begin = split < active ? split * chunk : kv_len, end = min(kv_len, begin + chunk);
     const int32_t *table = block_tables + static_cast<size_t>(row_seq[row]) * max_blocks;
 
     float qh[kGroup][kDimsPerLane];
@@ -164,8 +166,10 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
             }
         }
         float *dst = partials + ((static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * splits + split) * BI_PARTIAL_FLOATS;
-        if (d == 0) dst[0] = best, dst[1] = sum;
-        dst[2 + d] = acc;
+        if (split < active) {
+            if (d == 0) dst[0] = best, dst[1] = sum;
+            dst[2 + d] = acc;
+        }
     }
 
     // The last block of this (row, kv head) to finish merges every range into the output.
@@ -180,12 +184,16 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
     __syncthreads();
     if (!last) return;
     __threadfence();
+    // Stage the ranges of both heads with parallel loads (L2: other blocks wrote them), then merge.
+    __shared__ float staged[kGroup][BI_MAX_SPLITS][BI_PARTIAL_FLOATS];
+    const float *first = partials + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup) * splits * BI_PARTIAL_FLOATS;
+    for (int h = 0; h < kGroup; ++h)
+        for (int i = threadIdx.x; i < active * BI_PARTIAL_FLOATS; i += blockDim.x)
+            staged[h][i / BI_PARTIAL_FLOATS][i % BI_PARTIAL_FLOATS] = __ldcg(first + h * splits * BI_PARTIAL_FLOATS + i);
+    __syncthreads();
 #pragma unroll
-    for (int h = 0; h < kGroup; ++h) {
-        const int head = kv_head * kGroup + h;
-        combine(out + (static_cast<size_t>(row) * BI_Q_HEADS + head) * BI_HEAD_DIM,
-                partials + (static_cast<size_t>(row) * BI_Q_HEADS + head) * splits * BI_PARTIAL_FLOATS, splits, d);
-    }
+    for (int h = 0; h < kGroup; ++h)
+        combine(out + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * BI_HEAD_DIM, staged[h], active, d);
 }
 
 }  // namespace
@@ -194,7 +202,7 @@ extern "C" cudaError_t bi_attention(bi_bf16 *out, float *partials, int32_t *coun
                                     const bi_bf16 *v_cache, const int32_t *positions, const int32_t *row_seq,
                                     const int32_t *block_tables, int m, int max_blocks, int splits,
                                     const void *prefetch, size_t prefetch_bytes, cudaStream_t stream) {
-    if (m <= 0 || max_blocks <= 0 || splits <= 0 || splits > 65535) return cudaErrorInvalidValue;
+    if (m <= 0 || max_blocks <= 0 || splits <= 0 || splits > BI_MAX_SPLITS) return cudaErrorInvalidValue;
     return bi::launch(split_kernel, dim3(BI_KV_HEADS, m, splits), dim3(kWarps * bi::kWarp), 0, stream, out, partials,
                       counters, q, k_cache, v_cache, positions, row_seq, block_tables, max_blocks, prefetch,
                       prefetch_bytes);

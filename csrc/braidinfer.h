@@ -36,6 +36,8 @@ cudaError_t bi_rmsnorm(bi_bf16 *out, const float *x, const bi_bf16 *weight, int 
 #define BI_INTERMEDIATE 3072
 /* Tokens per KV-cache block (page). */
 #define BI_BLOCK_TOKENS 16
+/* Most ranges one attention row is split into. */
+#define BI_MAX_SPLITS 32
 /* Floats per attention partial: running max, running sum, 128 accumulators. */
 #define BI_PARTIAL_FLOATS (BI_HEAD_DIM + 2)
 /* Most candidates per sequence the sampler keeps (the top-k limit). */
@@ -81,7 +83,8 @@ cudaError_t bi_qk_norm_rope_cache(bi_bf16 *q, bi_bf16 *k_cache, bi_bf16 *v_cache
 
 /* Causal GQA attention over the paged cache: row r attends to positions 0..positions[r] of
  * sequence row_seq[r]; query head h reads kv head h / 2; scale 1/sqrt(128). The positions are
- * split into `splits` ranges handled by separate blocks, then combined (flash-decoding).
+ * split into up to `splits` (<= BI_MAX_SPLITS) ranges of at least 64 positions, handled by
+ * separate blocks, then combined (flash-decoding).
  * out: [m, 16 * 128] bf16; partials: [m, 16, splits, BI_PARTIAL_FLOATS] f32 workspace;
  * counters: [m, 8] int32 workspace, zero before the first call and left zero after each;
  * q: [m, 16, 128] bf16. Padding rows (negative position) write zeros. */

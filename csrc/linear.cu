@@ -59,8 +59,6 @@ __device__ __forceinline__ uint4 load_stream(const void *p) {
 // the product: each block reduces the rows' sums of squares itself, while its first weight
 // loads are in flight).
 
-constexpr int kSkinnyUnroll = 8;  // 32-column chunks whose weight loads are in flight at once
-
 struct SkinnyArgs {
     void *out;
     const void *a;             // bf16 [m, k], or with Norm f32 [m, k]
@@ -96,7 +94,8 @@ __device__ __forceinline__ uint4 a_chunk(const SkinnyArgs &args, int row, int co
     }
 }
 
-template <int MT, int TN, int Warps, int Epilogue, bool Norm>
+// Unroll: 32-column chunks whose weight loads a thread has in flight at once.
+template <int MT, int TN, int Warps, int Unroll, int Epilogue, bool Norm>
 __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs args) {
     static_assert(Warps * MT * TN <= 64, "the cross-warp reduction must fit 32 KiB of shared memory");
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
@@ -113,10 +112,10 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
 #pragma unroll
     for (int t = 0; t < TN; ++t) w_rows[t] = args.w + static_cast<size_t>(n0 + t * 8 + g) * args.k + k_begin;
 
-    for (int c0 = 0; c0 < k_warp; c0 += kChunk * kSkinnyUnroll) {
-        uint4 wv[kSkinnyUnroll][TN];
+    for (int c0 = 0; c0 < k_warp; c0 += kChunk * Unroll) {
+        uint4 wv[Unroll][TN];
 #pragma unroll
-        for (int u = 0; u < kSkinnyUnroll; ++u)
+        for (int u = 0; u < Unroll; ++u)
 #pragma unroll
             for (int t = 0; t < TN; ++t)
                 wv[u][t] = c0 + u * kChunk < k_warp ? load_stream(w_rows[t] + c0 + u * kChunk) : make_uint4(0, 0, 0, 0);
@@ -139,7 +138,7 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
             }
         }
 #pragma unroll
-        for (int u = 0; u < kSkinnyUnroll; ++u) {
+        for (int u = 0; u < Unroll; ++u) {
             if (c0 + u * kChunk >= k_warp) break;
             const int col = k_begin + c0 + u * kChunk;
 #pragma unroll
@@ -275,20 +274,27 @@ __global__ void __launch_bounds__(kTiledThreads)
 
 // ---------------------------------------------------------------------------------------------
 
-// Narrow products (every layer matrix) get 16 warps per block splitting k, so that each SM has
-// enough weight loads in flight; the LM head's 151936 rows give enough blocks with 4.
+// Warps per block: `base`, halved until the cross-warp reduction fits its shared memory.
+constexpr int fitted_warps(int base, int mt, int tn) { return base * mt * tn <= 64 ? base : fitted_warps(base / 2, mt, tn); }
+
+template <int MT, int TN, int BaseWarps, int Unroll, int Epilogue, bool Norm>
+cudaError_t launch_skinny_shape(const SkinnyArgs &args, cudaStream_t stream) {
+    constexpr int warps = fitted_warps(BaseWarps, MT, TN);
+    if (args.k % (warps * kChunk) != 0 || args.n % (8 * TN) != 0) return cudaErrorInvalidValue;
+    return bi::launch(skinny_kernel<MT, TN, warps, Unroll, Epilogue, Norm>, dim3(args.n / (8 * TN)), dim3(warps * bi::kWarp),
+                      0, stream, args);
+}
+
+// Shapes picked so that each product is about one wave of two blocks per SM (132 SMs) with
+// every warp holding 4-8 weight loads in flight: the LM head's 151936 rows in 16-row blocks of
+// 4 warps; gate/up (6144) in 24-row blocks and qkv (4096) in 16-row blocks of 8 warps; the
+// 1024-row products in 8-row blocks of 16 warps splitting k.
 template <int MT, int Epilogue, bool Norm>
 cudaError_t launch_skinny(const SkinnyArgs &args, cudaStream_t stream) {
-    constexpr int kWide = 4, kNarrow = 16 / MT;
-    const bool narrow = args.n <= 8192;
-    const int warps = narrow ? kNarrow : kWide;
-    if (args.k % (warps * kChunk) != 0) return cudaErrorInvalidValue;
-    const int tn = args.n % 16 == 0 && args.n >= 4096 ? 2 : 1;
-    const dim3 grid(args.n / (8 * tn));
-    if (narrow && tn == 2) return bi::launch(skinny_kernel<MT, 2, kNarrow, Epilogue, Norm>, grid, dim3(kNarrow * bi::kWarp), 0, stream, args);
-    if (narrow) return bi::launch(skinny_kernel<MT, 1, kNarrow, Epilogue, Norm>, grid, dim3(kNarrow * bi::kWarp), 0, stream, args);
-    if (tn == 2) return bi::launch(skinny_kernel<MT, 2, kWide, Epilogue, Norm>, grid, dim3(kWide * bi::kWarp), 0, stream, args);
-    return bi::launch(skinny_kernel<MT, 1, kWide, Epilogue, Norm>, grid, dim3(kWide * bi::kWarp), 0, stream, args);
+    if (args.n > 8192) return launch_skinny_shape<MT, 2, 4, 8, Epilogue, Norm>(args, stream);
+    if (args.n >= 6144 && args.n % 24 == 0) return launch_skinny_shape<MT, 3, 8, 4, Epilogue, Norm>(args, stream);
+    if (args.n >= 4096 && args.n % 16 == 0) return launch_skinny_shape<MT, 2, 8, 4, Epilogue, Norm>(args, stream);
+    return launch_skinny_shape<MT, 1, 16, 8, Epilogue, Norm>(args, stream);
 }
 
 template <int Epilogue>

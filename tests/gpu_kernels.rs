@@ -431,7 +431,7 @@ fn gpu_attention_matches_reference_across_lengths_and_splits() {
         max_blocks,
         m,
     };
-    for splits in [1, 3, 33, 64] {
+    for splits in [1, 3, 20, 32] {
         let mut d_out = gpu.upload(&vec![POISON_BF16; m * 2048]).unwrap();
         let mut d_partials = gpu
             .upload(&vec![f32::NAN; m * 16 * splits * kernels::PARTIAL_FLOATS])

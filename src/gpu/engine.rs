@@ -41,9 +41,10 @@ impl Default for EngineOptions {
     }
 }
 
-/// Attention splits for a decode batch: about two blocks per SM (132 on H100/H200) in all.
+/// Attention splits for a decode batch: about two blocks per SM (132 on H100/H200) in all; the
+/// kernel uses fewer where the context is short.
 fn decode_splits(batch: usize) -> usize {
-    (264usize.div_ceil(8 * batch)).clamp(1, 64)
+    (264usize.div_ceil(8 * batch)).clamp(1, kernels::MAX_SPLITS)
 }
 
 pub struct Engine {
