@@ -2,50 +2,32 @@
 // blocks of `split_kernel` each cover one range of positions for one kv head (both of its query
 // heads, so every K/V row is read once); the last block of a (row, kv head) to finish merges
 // the ranges (a completion counter instead of a second launch).
-// The same kernels serve decode (one row per sequence) and prefill (one row per prompt token).
+// The same kernel serves decode (one row per sequence) and prefill (one row per prompt token).
+//
+// Layout: lane l owns dims 4l..4l+3 of both query heads, so a warp reads whole 256-byte K/V
+// rows and needs no merge across lanes; a warp scores kTokensPerRound positions at once, whose
+// independent shuffle reductions interleave. (An earlier layout, 4 lanes per token with 32 dims
+// each, needed 210 registers and a merge across lanes, and took 17 us per layer at context 1024
+// on an H200: benches/kernels.rs.)
 #include "common.cuh"
 
 namespace {
 
 constexpr int kWarps = 4;
 constexpr int kGroup = BI_Q_HEADS / BI_KV_HEADS;  // query heads per kv head
-constexpr int kParts = 4;                         // lanes per token; each holds 32 dims
-constexpr int kDimsPerLane = BI_HEAD_DIM / kParts;
-constexpr int kTokensPerWarp = bi::kWarp / kParts;  // tokens a warp scores at once
+constexpr int kDims = BI_HEAD_DIM / bi::kWarp;    // dims per lane
+constexpr int kTokensPerRound = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kGroup == 2, "the kernel keeps two query heads per kv head in registers");
-static_assert(kDimsPerLane % 8 == 0, "each lane reads its dims as 16-byte vectors");
+static_assert(kDims == 4, "each lane reads its dims as one 8-byte vector");
+static_assert(kWarps * bi::kWarp == BI_HEAD_DIM, "one thread per head dim in the final merge");
 // A range shorter than this is not worth a block of its own: short contexts use fewer splits.
 constexpr int kMinSplitTokens = 64;
 
-__device__ __forceinline__ void load_dims(float (&dst)[kDimsPerLane], const bi_bf16 *src) {
-#pragma unroll
-    for (int v = 0; v < kDimsPerLane / 8; ++v) {
-        const uint4 raw = *reinterpret_cast<const uint4 *>(src + v * 8);
-        const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            dst[v * 8 + 2 * j] = __uint_as_float(words[j] << 16);
-            dst[v * 8 + 2 * j + 1] = __uint_as_float(words[j] & 0xffff0000u);
-        }
-    }
-}
-
-// Running softmax state of one stream of positions for one query head, base-2 exponents.
-struct Running {
-    float max = -INFINITY, sum = 0.0f;
-    float acc[kDimsPerLane] = {};
-};
-
-// Folds `other` (max, sum, acc) into `r`; an empty side (max = -inf) contributes nothing.
-__device__ __forceinline__ void merge(Running &r, float other_max, float other_sum, const float (&other_acc)[kDimsPerLane]) {
-    const float new_max = fmaxf(r.max, other_max);
-    if (new_max == -INFINITY) return;
-    const float self_scale = exp2f(r.max - new_max), other_scale = exp2f(other_max - new_max);
-    r.sum = r.sum * self_scale + other_sum * other_scale;
-#pragma unroll
-    for (int d = 0; d < kDimsPerLane; ++d) r.acc[d] = r.acc[d] * self_scale + other_acc[d] * other_scale;
-    r.max = new_max;
+__device__ __forceinline__ void load_dims(float (&dst)[kDims], const bi_bf16 *src) {
+    const uint2 raw = *reinterpret_cast<const uint2 *>(src);
+    dst[0] = __uint_as_float(raw.x << 16), dst[1] = __uint_as_float(raw.x & 0xffff0000u);
+    dst[2] = __uint_as_float(raw.y << 16), dst[3] = __uint_as_float(raw.y & 0xffff0000u);
 }
 
 // Merges `active` ranges of one head (staged in shared memory) into out[d] (bf16).
@@ -61,7 +43,7 @@ __device__ __forceinline__ void combine(bi_bf16 *out, const float (*p)[BI_PARTIA
     out[d] = bi::f32_to_bf16(acc / sum);
 }
 
-// grid (kv heads, rows, splits); 4 warps; lane = token (lane / 4) x part (lane % 4).
+// grid (kv heads, rows, splits); 4 warps.
 __global__ void __launch_bounds__(kWarps * bi::kWarp)
     split_kernel(bi_bf16 *__restrict__ out, float *__restrict__ partials, int32_t *__restrict__ counters,
                  const bi_bf16 *__restrict__ q, const bi_bf16 *__restrict__ k_cache, const bi_bf16 *__restrict__ v_cache,
@@ -70,7 +52,6 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
                  size_t prefetch_bytes) {
     const int kv_head = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
-    const int part = lane % kParts, token_lane = lane / kParts;
     bi::allow_next_kernel();
     bi::prefetch_l2_share(prefetch, prefetch_bytes);
     bi::wait_for_previous_kernel();
@@ -88,87 +69,87 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
     const int begin = split < active ? split * chunk : kv_len, end = min(kv_len, begin + chunk);
     const int32_t *table = block_tables + static_cast<size_t>(row_seq[row]) * max_blocks;
 
-    float qh[kGroup][kDimsPerLane];
-    const float scale = rsqrtf(static_cast<float>(BI_HEAD_DIM)) * kLog2e;
+    float qh[kGroup][kDims];
+    const float scale = rsqrtf(static_cast<float>(BI_HEAD_DIM)) * kLog2e;  // scores in base 2
 #pragma unroll
     for (int h = 0; h < kGroup; ++h) {
-        load_dims(qh[h], q + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * BI_HEAD_DIM + part * kDimsPerLane);
+        load_dims(qh[h], q + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * BI_HEAD_DIM + lane * kDims);
 #pragma unroll
-        for (int d = 0; d < kDimsPerLane; ++d) qh[h][d] *= scale;
+        for (int d = 0; d < kDims; ++d) qh[h][d] *= scale;
     }
 
-    Running run[kGroup];
-    // Every lane runs the same number of rounds (full-warp shuffles); lanes past `end` idle.
-    for (int base = begin + warp * kTokensPerWarp; base < end; base += kWarps * kTokensPerWarp) {
-        const int t = base + token_lane;
-        const bool valid = t < end;
-        float k[kDimsPerLane] = {}, v[kDimsPerLane] = {};
-        if (valid) {
+    // Running softmax of this warp's positions, per head: max, sum, and this lane's dims.
+    float run_max[kGroup] = {-INFINITY, -INFINITY}, run_sum[kGroup] = {}, acc[kGroup][kDims] = {};
+    for (int base = begin + warp * kTokensPerRound; base < end; base += kWarps * kTokensPerRound) {
+        float k[kTokensPerRound][kDims], v[kTokensPerRound][kDims];
+#pragma unroll
+        for (int j = 0; j < kTokensPerRound; ++j) {
+            const int t = min(base + j, end - 1);  // past the end: a valid row, masked below
             const size_t offset = ((static_cast<size_t>(table[t / BI_BLOCK_TOKENS]) * BI_KV_HEADS + kv_head) * BI_BLOCK_TOKENS +
-                                   t % BI_BLOCK_TOKENS) * BI_HEAD_DIM + part * kDimsPerLane;
-            load_dims(k, k_cache + offset);
-            load_dims(v, v_cache + offset);
+                                   t % BI_BLOCK_TOKENS) * BI_HEAD_DIM + lane * kDims;
+            load_dims(k[j], k_cache + offset);
+            load_dims(v[j], v_cache + offset);
         }
 #pragma unroll
         for (int h = 0; h < kGroup; ++h) {
-            float s = 0.0f;
+            float s[kTokensPerRound];
 #pragma unroll
-            for (int d = 0; d < kDimsPerLane; ++d) s += qh[h][d] * k[d];
-            s += __shfl_xor_sync(0xffffffffu, s, 1);
-            s += __shfl_xor_sync(0xffffffffu, s, 2);
-            if (!valid) continue;
-            const float new_max = fmaxf(run[h].max, s);
-            const float correction = exp2f(run[h].max - new_max), p = exp2f(s - new_max);
-            run[h].sum = run[h].sum * correction + p;
+            for (int j = 0; j < kTokensPerRound; ++j) {
+                s[j] = 0.0f;
 #pragma unroll
-            for (int d = 0; d < kDimsPerLane; ++d) run[h].acc[d] = run[h].acc[d] * correction + p * v[d];
-            run[h].max = new_max;
+                for (int d = 0; d < kDims; ++d) s[j] += qh[h][d] * k[j][d];
+            }
+#pragma unroll
+            for (int offset = bi::kWarp / 2; offset > 0; offset /= 2)
+#pragma unroll
+                for (int j = 0; j < kTokensPerRound; ++j) s[j] += __shfl_xor_sync(0xffffffffu, s[j], offset);
+            float new_max = run_max[h];
+#pragma unroll
+            for (int j = 0; j < kTokensPerRound; ++j)
+                if (base + j < end) new_max = fmaxf(new_max, s[j]);
+            const float correction = exp2f(run_max[h] - new_max);
+            run_sum[h] *= correction;
+#pragma unroll
+            for (int d = 0; d < kDims; ++d) acc[h][d] *= correction;
+#pragma unroll
+            for (int j = 0; j < kTokensPerRound; ++j) {
+                const float p = base + j < end ? exp2f(s[j] - new_max) : 0.0f;
+                run_sum[h] += p;
+#pragma unroll
+                for (int d = 0; d < kDims; ++d) acc[h][d] += p * v[j][d];
+            }
+            run_max[h] = new_max;
         }
     }
 
-    // Merge the 8 token lanes of each warp (lanes with the same part), then the 4 warps.
+    // Merge the 4 warps (one thread per dim), then write this range's partial.
+    __shared__ float warp_state[kWarps][kGroup][BI_PARTIAL_FLOATS];
 #pragma unroll
     for (int h = 0; h < kGroup; ++h) {
+        if (lane == 0) warp_state[warp][h][0] = run_max[h], warp_state[warp][h][1] = run_sum[h];
 #pragma unroll
-        for (int offset = kParts; offset < bi::kWarp; offset *= 2) {
-            float other_acc[kDimsPerLane];
-#pragma unroll
-            for (int d = 0; d < kDimsPerLane; ++d) other_acc[d] = __shfl_xor_sync(0xffffffffu, run[h].acc[d], offset);
-            const float other_max = __shfl_xor_sync(0xffffffffu, run[h].max, offset);
-            const float other_sum = __shfl_xor_sync(0xffffffffu, run[h].sum, offset);
-            merge(run[h], other_max, other_sum, other_acc);
-        }
-    }
-    __shared__ float warp_state[kWarps][kGroup][BI_PARTIAL_FLOATS];
-    if (token_lane == 0) {
-#pragma unroll
-        for (int h = 0; h < kGroup; ++h) {
-            if (part == 0) warp_state[warp][h][0] = run[h].max, warp_state[warp][h][1] = run[h].sum;
-#pragma unroll
-            for (int d = 0; d < kDimsPerLane; ++d) warp_state[warp][h][2 + part * kDimsPerLane + d] = run[h].acc[d];
-        }
+        for (int d = 0; d < kDims; ++d) warp_state[warp][h][2 + lane * kDims + d] = acc[h][d];
     }
     __syncthreads();
-    const int d = threadIdx.x;  // one output dim per thread, both heads
-    static_assert(kWarps * bi::kWarp == BI_HEAD_DIM, "one thread per head dim in the final merge");
+    const int d = threadIdx.x;
 #pragma unroll
     for (int h = 0; h < kGroup; ++h) {
         float best = -INFINITY;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) best = fmaxf(best, warp_state[w][h][0]);
-        float sum = 0.0f, acc = 0.0f;
+        float sum = 0.0f, merged = 0.0f;
         if (best != -INFINITY) {
 #pragma unroll
             for (int w = 0; w < kWarps; ++w) {
                 const float scale_w = exp2f(warp_state[w][h][0] - best);
                 sum += warp_state[w][h][1] * scale_w;
-                acc += warp_state[w][h][2 + d] * scale_w;
+                merged += warp_state[w][h][2 + d] * scale_w;
             }
         }
         float *dst = partials + ((static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * splits + split) * BI_PARTIAL_FLOATS;
         if (split < active) {
             if (d == 0) dst[0] = best, dst[1] = sum;
-            dst[2 + d] = acc;
+            dst[2 + d] = merged;
         }
     }
 
@@ -198,10 +179,10 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
 
 }  // namespace
 
-extern "C" cudaError_t bi_attention(bi_bf16 *out, float *partials, int32_t *counters, const bi_bf16 *q, const bi_bf16 *k_cache,
-                                    const bi_bf16 *v_cache, const int32_t *positions, const int32_t *row_seq,
-                                    const int32_t *block_tables, int m, int max_blocks, int splits,
-                                    const void *prefetch, size_t prefetch_bytes, cudaStream_t stream) {
+extern "C" cudaError_t bi_attention(bi_bf16 *out, float *partials, int32_t *counters, const bi_bf16 *q,
+                                    const bi_bf16 *k_cache, const bi_bf16 *v_cache, const int32_t *positions,
+                                    const int32_t *row_seq, const int32_t *block_tables, int m, int max_blocks,
+                                    int splits, const void *prefetch, size_t prefetch_bytes, cudaStream_t stream) {
     if (m <= 0 || max_blocks <= 0 || splits <= 0 || splits > BI_MAX_SPLITS) return cudaErrorInvalidValue;
     return bi::launch(split_kernel, dim3(BI_KV_HEADS, m, splits), dim3(kWarps * bi::kWarp), 0, stream, out, partials,
                       counters, q, k_cache, v_cache, positions, row_seq, block_tables, max_blocks, prefetch,
