@@ -13,16 +13,19 @@
 
 namespace {
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 16;
 constexpr int kGroup = BI_Q_HEADS / BI_KV_HEADS;  // query heads per kv head
 constexpr int kDims = BI_HEAD_DIM / bi::kWarp;    // dims per lane
 constexpr int kTokensPerRound = 4;
+// Shared memory: the warps' states for the block merge, later the ranges for the final merge.
+constexpr int kSmemFloats = kGroup * BI_PARTIAL_FLOATS * (kWarps > BI_MAX_SPLITS ? kWarps : BI_MAX_SPLITS);
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kGroup == 2, "the kernel keeps two query heads per kv head in registers");
 static_assert(kDims == 4, "each lane reads its dims as one 8-byte vector");
-static_assert(kWarps * bi::kWarp == BI_HEAD_DIM, "one thread per head dim in the final merge");
+static_assert(kWarps * bi::kWarp >= kGroup * BI_HEAD_DIM, "one thread per (head, dim) in the final merge");
 // A range shorter than this is not worth a block of its own: short contexts use fewer splits.
-constexpr int kMinSplitTokens = 64;
+// One round of all 16 warps covers it, so a block waits on memory about twice (table, K/V).
+constexpr int kMinSplitTokens = kWarps * kTokensPerRound;
 
 __device__ __forceinline__ void load_dims(float (&dst)[kDims], const bi_bf16 *src) {
     const uint2 raw = *reinterpret_cast<const uint2 *>(src);
@@ -122,8 +125,9 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
         }
     }
 
-    // Merge the 4 warps (one thread per dim), then write this range's partial.
-    __shared__ float warp_state[kWarps][kGroup][BI_PARTIAL_FLOATS];
+    // Merge the warps (one thread per head and dim), then write this range's partial.
+    __shared__ float smem[kSmemFloats];
+    auto warp_state = reinterpret_cast<float (*)[kGroup][BI_PARTIAL_FLOATS]>(smem);  // [kWarps]
 #pragma unroll
     for (int h = 0; h < kGroup; ++h) {
         if (lane == 0) warp_state[warp][h][0] = run_max[h], warp_state[warp][h][1] = run_sum[h];
@@ -131,9 +135,8 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
         for (int d = 0; d < kDims; ++d) warp_state[warp][h][2 + lane * kDims + d] = acc[h][d];
     }
     __syncthreads();
-    const int d = threadIdx.x;
-#pragma unroll
-    for (int h = 0; h < kGroup; ++h) {
+    const int h = threadIdx.x / BI_HEAD_DIM, d = threadIdx.x % BI_HEAD_DIM;
+    if (h < kGroup) {
         float best = -INFINITY;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) best = fmaxf(best, warp_state[w][h][0]);
@@ -166,15 +169,14 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
     if (!last) return;
     __threadfence();
     // Stage the ranges of both heads with parallel loads (L2: other blocks wrote them), then merge.
-    __shared__ float staged[kGroup][BI_MAX_SPLITS][BI_PARTIAL_FLOATS];
+    auto staged = reinterpret_cast<float (*)[BI_MAX_SPLITS][BI_PARTIAL_FLOATS]>(smem);  // [kGroup]
     const float *first = partials + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup) * splits * BI_PARTIAL_FLOATS;
-    for (int h = 0; h < kGroup; ++h)
-        for (int i = threadIdx.x; i < active * BI_PARTIAL_FLOATS; i += blockDim.x)
-            staged[h][i / BI_PARTIAL_FLOATS][i % BI_PARTIAL_FLOATS] = __ldcg(first + h * splits * BI_PARTIAL_FLOATS + i);
+    for (int i = threadIdx.x; i < kGroup * active * BI_PARTIAL_FLOATS; i += blockDim.x) {
+        const int head = i / (active * BI_PARTIAL_FLOATS), rest = i % (active * BI_PARTIAL_FLOATS);
+        staged[head][rest / BI_PARTIAL_FLOATS][rest % BI_PARTIAL_FLOATS] = __ldcg(first + head * splits * BI_PARTIAL_FLOATS + rest);
+    }
     __syncthreads();
-#pragma unroll
-    for (int h = 0; h < kGroup; ++h)
-        combine(out + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * BI_HEAD_DIM, staged[h], active, d);
+    if (h < kGroup) combine(out + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * BI_HEAD_DIM, staged[h], active, d);
 }
 
 }  // namespace
