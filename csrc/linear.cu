@@ -9,49 +9,14 @@
 //   wastes 15/16 of its rows, which costs nothing in a memory-bound product.
 // - tiled (m > 64, prefill): 128x128x32 block tiles through a 3-stage cp.async pipeline and
 //   ldmatrix, 8 warps of 64x32.
-#include "common.cuh"
+#include "matvec.cuh"
 
 namespace {
 
-constexpr int kChunk = 32;  // k columns per skinny step: one 16-byte load per thread per row
-
-// ---------------------------------------------------------------------------------------------
-// Epilogue: every thread ends with pairs of adjacent output columns (col even), so SwiGLU finds
-// gate and up side by side when the weight rows interleave them (row 2i gate_i, 2i+1 up_i).
-
-template <int Epilogue>
-__device__ __forceinline__ void store_pair(void *out, int n, int row, int col, float v0, float v1) {
-    if constexpr (Epilogue == BI_EPILOGUE_STORE_F32) {
-        *reinterpret_cast<float2 *>(static_cast<float *>(out) + static_cast<size_t>(row) * n + col) =
-            make_float2(v0, v1);
-    } else if constexpr (Epilogue == BI_EPILOGUE_ADD_RESIDUAL) {
-        float2 *p = reinterpret_cast<float2 *>(static_cast<float *>(out) + static_cast<size_t>(row) * n + col);
-        float2 x = *p;
-        *p = make_float2(x.x + v0, x.y + v1);
-    } else {
-        static_assert(Epilogue == BI_EPILOGUE_SWIGLU, "unknown epilogue");
-        const float silu = v0 / (1.0f + __expf(-v0));
-        static_cast<bi_bf16 *>(out)[static_cast<size_t>(row) * (n / 2) + col / 2] = bi::f32_to_bf16(silu * v1);
-    }
-}
-
-__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// Weights are read once per step: keep them out of L1.
-__device__ __forceinline__ uint4 load_stream(const void *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
+using bi::kChunk;
+using bi::load_stream;
+using bi::mma_bf16;
+using bi::store_pair;
 
 // ---------------------------------------------------------------------------------------------
 // Skinny: grid n / (8*TN) blocks of WARPS warps; warp w covers k columns [w*k/WARPS, (w+1)*k/WARPS).
@@ -68,31 +33,9 @@ struct SkinnyArgs {
     float eps;
     const void *prefetch;      // the next kernel's weights, pulled into L2 meanwhile
     size_t prefetch_bytes;
+
+    __device__ bi::Activations activations() const { return {a, norm, m, k}; }
 };
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-    return static_cast<uint32_t>(bi::f32_to_bf16(lo)) | (static_cast<uint32_t>(bi::f32_to_bf16(hi)) << 16);
-}
-
-// Eight consecutive A values of `row` from column `col`, as bf16 pairs.
-template <bool Norm>
-__device__ __forceinline__ uint4 a_chunk(const SkinnyArgs &args, int row, int col, const float *inv_rms) {
-    if (row >= args.m) return make_uint4(0, 0, 0, 0);
-    if constexpr (!Norm) {
-        return *reinterpret_cast<const uint4 *>(static_cast<const bi_bf16 *>(args.a) + static_cast<size_t>(row) * args.k + col);
-    } else {
-        const float4 *x = reinterpret_cast<const float4 *>(static_cast<const float *>(args.a) + static_cast<size_t>(row) * args.k + col);
-        const float4 x0 = x[0], x1 = x[1];
-        const uint4 wbits = *reinterpret_cast<const uint4 *>(args.norm + col);
-        const float s = inv_rms[row];
-        auto lo = [](uint32_t v) { return __uint_as_float(v << 16); };
-        auto hi = [](uint32_t v) { return __uint_as_float(v & 0xffff0000u); };
-        return make_uint4(pack_bf16x2(x0.x * s * lo(wbits.x), x0.y * s * hi(wbits.x)),
-                          pack_bf16x2(x0.z * s * lo(wbits.y), x0.w * s * hi(wbits.y)),
-                          pack_bf16x2(x1.x * s * lo(wbits.z), x1.y * s * hi(wbits.z)),
-                          pack_bf16x2(x1.z * s * lo(wbits.w), x1.w * s * hi(wbits.w)));
-    }
-}
 
 // Unroll: 32-column chunks whose weight loads a thread has in flight at once.
 template <int MT, int TN, int Warps, int Unroll, int Epilogue, bool Norm>
@@ -124,16 +67,7 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
             // the wait for the activations it writes.
             bi::wait_for_previous_kernel();
             if constexpr (Norm) {
-                for (int r = warp; r < args.m; r += Warps) {
-                    const float *row = static_cast<const float *>(args.a) + static_cast<size_t>(r) * args.k;
-                    float sum_sq = 0.0f;
-                    for (int i = lane * 4; i < args.k; i += bi::kWarp * 4) {
-                        const float4 v = *reinterpret_cast<const float4 *>(row + i);
-                        sum_sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-                    }
-                    sum_sq = bi::warp_sum(sum_sq);
-                    if (lane == 0) inv_rms[r] = rsqrtf(sum_sq / args.k + args.eps);
-                }
+                bi::row_inv_rms(args.activations(), args.eps, inv_rms);
                 __syncthreads();
             }
         }
@@ -143,8 +77,8 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
             const int col = k_begin + c0 + u * kChunk;
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                const uint4 lo = a_chunk<Norm>(args, mt * 16 + g, col, inv_rms);
-                const uint4 hi = a_chunk<Norm>(args, mt * 16 + g + 8, col, inv_rms);
+                const uint4 lo = bi::a_chunk<Norm>(args.activations(), mt * 16 + g, col, inv_rms);
+                const uint4 hi = bi::a_chunk<Norm>(args.activations(), mt * 16 + g + 8, col, inv_rms);
 #pragma unroll
                 for (int t = 0; t < TN; ++t) {
                     mma_bf16(acc[mt][t], lo.x, hi.x, lo.y, hi.y, wv[u][t].x, wv[u][t].y);
