@@ -296,7 +296,8 @@ impl Engine {
     pub fn step_eager(&mut self) -> Result<()> {
         let b = self.slots.len();
         let v = self.forward.config.vocab;
-        self.forward.layers(&mut self.decode, &mut self.cache, b)?;
+        self.forward
+            .decode_layers(&mut self.decode, &mut self.cache, b)?;
         self.forward
             .logits(&mut self.decode, 0, b, &mut self.logits)?;
         let state = SampleState {

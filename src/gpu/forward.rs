@@ -6,8 +6,9 @@ use anyhow::Result;
 use cudarc::driver::{CudaSlice, DevicePtrMut};
 
 use super::kernels::{
-    self, Epilogue, LayerCache, NormEpilogue, Rows, HIDDEN, INTERMEDIATE, KV_HEADS, PARTIAL_FLOATS,
-    QKV_WIDTH, Q_HEADS, Q_WIDTH,
+    self, DecodeLayer, DecodeScratch, Epilogue, LayerCache, NormEpilogue, Rows,
+    DECODE_LAYER_MAX_ROWS, HIDDEN, INTERMEDIATE, KV_HEADS, PARTIAL_FLOATS, QKV_WIDTH, Q_HEADS,
+    Q_WIDTH,
 };
 use super::kv_cache::KvCache;
 use super::weights::DeviceWeights;
@@ -30,6 +31,7 @@ pub struct StepBuffers {
     act: CudaSlice<u16>,           // [rows, 3072] SwiGLU output
     partials: CudaSlice<f32>,      // [rows, 16, splits, 130]
     counters: CudaSlice<i32>,      // [rows, 8] attention completion counters, kept zero
+    barrier: CudaSlice<u32>,       // [2] grid barrier of the fused layer kernel
 }
 
 impl StepBuffers {
@@ -48,6 +50,7 @@ impl StepBuffers {
             act: gpu.alloc(rows * INTERMEDIATE)?,
             partials: gpu.alloc(rows * Q_HEADS * splits * PARTIAL_FLOATS)?,
             counters: gpu.alloc(rows * KV_HEADS)?,
+            barrier: gpu.alloc(2)?,
         })
     }
 }
@@ -62,8 +65,69 @@ pub struct Forward {
 }
 
 impl Forward {
-    /// Embedding and every layer for the first `m` rows; K/V of the rows go into `cache`, and
-    /// `bufs.x` ends holding the final residual stream.
+    /// A decode step's embedding and layers for `m` rows (one per sequence): one fused kernel
+    /// per layer for up to 16 rows, the separate kernels of `layers` beyond.
+    pub fn decode_layers(
+        &self,
+        bufs: &mut StepBuffers,
+        cache: &mut KvCache,
+        m: usize,
+    ) -> Result<()> {
+        if m > DECODE_LAYER_MAX_ROWS {
+            return self.layers(bufs, cache, m);
+        }
+        let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
+        anyhow::ensure!(m <= bufs.rows, "{m} rows for buffers of {}", bufs.rows);
+        kernels::embedding(gpu, &mut bufs.x, &w.embed, &bufs.tokens, m, HIDDEN, c.vocab)?;
+        for (i, layer) in w.layers.iter().enumerate() {
+            let rows = Rows {
+                positions: &bufs.positions,
+                row_seq: &bufs.row_seq,
+                block_tables: &self.block_tables,
+                max_blocks: self.max_blocks,
+                m,
+            };
+            let weights = DecodeLayer {
+                input_norm: &layer.input_norm,
+                qkv: &layer.qkv,
+                q_norm: &layer.q_norm,
+                k_norm: &layer.k_norm,
+                o: &layer.o,
+                post_norm: &layer.post_norm,
+                gate_up: &layer.gate_up,
+                down: &layer.down,
+                next_qkv: w.layers.get(i + 1).map(|next| &next.qkv),
+            };
+            let scratch = DecodeScratch {
+                x: &mut bufs.x,
+                qkv: &mut bufs.qkv,
+                attn: &mut bufs.attn,
+                act: &mut bufs.act,
+                partials: &mut bufs.partials,
+                counters: &mut bufs.counters,
+                barrier: &mut bufs.barrier,
+            };
+            let (mut k, mut v) = cache.layer_mut(i);
+            let layer_cache = LayerCache {
+                k: &mut k,
+                v: &mut v,
+            };
+            kernels::decode_layer(
+                gpu,
+                &weights,
+                layer_cache,
+                scratch,
+                &rows,
+                &w.rope_inv_freq,
+                bufs.splits,
+                c.rms_eps,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Embedding and every layer for the first `m` rows, kernel by kernel (prefill); K/V of the
+    /// rows go into `cache`, and `bufs.x` ends holding the final residual stream.
     pub fn layers(&self, bufs: &mut StepBuffers, cache: &mut KvCache, m: usize) -> Result<()> {
         let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
         anyhow::ensure!(m <= bufs.rows, "{m} rows for buffers of {}", bufs.rows);

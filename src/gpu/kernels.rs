@@ -342,6 +342,121 @@ pub fn attention<P: DevicePtr<i32>>(
     check(code, "bi_attention")
 }
 
+/// The most rows `decode_layer` takes (one m16 tensor-core tile).
+pub const DECODE_LAYER_MAX_ROWS: usize = 16;
+
+/// One decoder layer's weights on the device, as `decode_layer` reads them.
+pub struct DecodeLayer<'a> {
+    pub input_norm: &'a CudaSlice<u16>, // [1024]
+    pub qkv: &'a CudaSlice<u16>,        // [4096, 1024]
+    pub q_norm: &'a CudaSlice<u16>,     // [128]
+    pub k_norm: &'a CudaSlice<u16>,     // [128]
+    pub o: &'a CudaSlice<u16>,          // [1024, 2048]
+    pub post_norm: &'a CudaSlice<u16>,  // [1024]
+    pub gate_up: &'a CudaSlice<u16>,    // [6144, 1024] interleaved
+    pub down: &'a CudaSlice<u16>,       // [1024, 3072]
+    pub next_qkv: Prefetch<'a>,
+}
+
+/// The decode step's buffers that `decode_layer` updates or uses as scratch.
+pub struct DecodeScratch<'a> {
+    pub x: &'a mut CudaSlice<f32>,        // [m, 1024]
+    pub qkv: &'a mut CudaSlice<f32>,      // [m, 4096]
+    pub attn: &'a mut CudaSlice<u16>,     // [m, 2048]
+    pub act: &'a mut CudaSlice<u16>,      // [m, 3072]
+    pub partials: &'a mut CudaSlice<f32>, // [m, 16, splits, 130]
+    pub counters: &'a mut CudaSlice<i32>, // [m, 8]
+    pub barrier: &'a mut CudaSlice<u32>,  // [2]
+}
+
+/// A whole decoder layer for up to 16 decode rows in one launch (csrc/layer.cu).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
+    gpu: &Gpu,
+    layer: &DecodeLayer<'_>,
+    cache: LayerCache<'_, C>,
+    scratch: DecodeScratch<'_>,
+    rows: &Rows<'_, P>,
+    rope_inv_freq: &CudaSlice<f32>,
+    splits: usize,
+    eps: f32,
+) -> Result<()> {
+    rows.check()?;
+    let m = rows.m;
+    ensure!(
+        m <= DECODE_LAYER_MAX_ROWS,
+        "decode_layer takes at most {DECODE_LAYER_MAX_ROWS} rows, got {m}"
+    );
+    ensure!(
+        (1..=MAX_SPLITS).contains(&splits),
+        "attention splits {splits} outside 1..={MAX_SPLITS}"
+    );
+    for (tensor, len, name) in [
+        (layer.input_norm, HIDDEN, "input_norm"),
+        (layer.qkv, QKV_WIDTH * HIDDEN, "qkv"),
+        (layer.q_norm, HEAD_DIM, "q_norm"),
+        (layer.k_norm, HEAD_DIM, "k_norm"),
+        (layer.o, HIDDEN * Q_WIDTH, "o"),
+        (layer.post_norm, HIDDEN, "post_norm"),
+        (layer.gate_up, 2 * INTERMEDIATE * HIDDEN, "gate_up"),
+        (layer.down, HIDDEN * INTERMEDIATE, "down"),
+    ] {
+        fits(tensor, len, name)?;
+    }
+    fits(scratch.x, m * HIDDEN, "x")?;
+    fits(scratch.qkv, m * QKV_WIDTH, "qkv scratch")?;
+    fits(scratch.attn, m * Q_WIDTH, "attn scratch")?;
+    fits(scratch.act, m * INTERMEDIATE, "act scratch")?;
+    fits(
+        scratch.partials,
+        m * Q_HEADS * splits * PARTIAL_FLOATS,
+        "partials",
+    )?;
+    fits(scratch.counters, m * KV_HEADS, "counters")?;
+    fits(scratch.barrier, 2, "barrier")?;
+    fits(rope_inv_freq, HEAD_DIM / 2, "rope_inv_freq")?;
+    ensure!(
+        cache.k.len() == cache.v.len() && cache.k.len() % (KV_WIDTH * BLOCK_TOKENS) == 0,
+        "layer cache shape"
+    );
+    let (next_qkv, next_qkv_bytes) = prefetch_arg(gpu, layer.next_qkv);
+    let weights = ffi::bi_layer_weights {
+        input_norm: p(gpu, layer.input_norm),
+        qkv: p(gpu, layer.qkv),
+        q_norm: p(gpu, layer.q_norm),
+        k_norm: p(gpu, layer.k_norm),
+        o: p(gpu, layer.o),
+        post_norm: p(gpu, layer.post_norm),
+        gate_up: p(gpu, layer.gate_up),
+        down: p(gpu, layer.down),
+        k_cache: pm(gpu, cache.k),
+        v_cache: pm(gpu, cache.v),
+        next_qkv,
+        next_qkv_bytes,
+    };
+    let state = ffi::bi_layer_state {
+        x: pm(gpu, scratch.x),
+        qkv: pm(gpu, scratch.qkv),
+        attn: pm(gpu, scratch.attn),
+        act: pm(gpu, scratch.act),
+        partials: pm(gpu, scratch.partials),
+        counters: pm(gpu, scratch.counters),
+        barrier: pm(gpu, scratch.barrier),
+        positions: p(gpu, rows.positions),
+        row_seq: p(gpu, rows.row_seq),
+        block_tables: p(gpu, rows.block_tables),
+        rope_inv_freq: p(gpu, rope_inv_freq),
+        m: dim(m, "m")?,
+        max_blocks: dim(rows.max_blocks, "max_blocks")?,
+        splits: dim(splits, "splits")?,
+        eps,
+    };
+    // SAFETY: every buffer was checked against the shapes above; block ids come from the host
+    // allocator; the structs hold live device pointers and are copied by the launch.
+    let code = unsafe { ffi::bi_decode_layer(&weights, &state, gpu.raw_stream()) };
+    check(code, "bi_decode_layer")
+}
+
 /// The sampler's device state for `batch` rows.
 pub struct SampleState<'a, I: DevicePtrMut<i32>, U: DevicePtrMut<u32>> {
     pub tokens: &'a mut I,    // [batch] out: the sampled token
