@@ -118,7 +118,7 @@ fn run(args: Args) -> Result<()> {
     for r in &rows {
         println!(
             "{:>8} {:>10.4} {:>10.1} {:>12.1} {:>10.0} {:>7.1}%",
-            r["context"],
+            r["context"].as_u64().unwrap_or(0),
             r["step_ms"].as_f64().unwrap(),
             r["tokens_per_s"].as_f64().unwrap(),
             r["bytes_per_step"].as_f64().unwrap() / 1e6,

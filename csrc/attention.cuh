@@ -16,9 +16,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kGroup == 2, "the kernel keeps two query heads per kv head in registers");
 static_assert(kDims == 4, "each lane reads its dims as one 8-byte vector");
 static_assert(kWarps * bi::kWarp >= kGroup * BI_HEAD_DIM, "one thread per (head, dim) in the final merge");
-// A range shorter than this is not worth a block of its own: short contexts use fewer splits.
-// One round of all 16 warps covers it, so a block waits on memory about twice (table, K/V).
-constexpr int kMinSplitTokens = kWarps * kTokensPerRound;
+// A range shorter than this is not worth a block of its own (merging ranges costs a fence, an
+// atomic and a round trip through L2): two rounds of all 16 warps.
+constexpr int kMinSplitTokens = 2 * kWarps * kTokensPerRound;
 
 __device__ __forceinline__ void load_dims(float (&dst)[kDims], const bi_bf16 *src) {
     const uint2 raw = *reinterpret_cast<const uint2 *>(src);
@@ -56,8 +56,8 @@ __device__ __forceinline__ void attend_split(const Args &args, int row, int kv_h
     const int kv_len = pos + 1;
     const int active = min(splits, (kv_len + kMinSplitTokens - 1) / kMinSplitTokens);
     const int chunk = (kv_len + active - 1) / active;
-    // Blocks past `active` have no range; they only count themselves in below.
-    const int begin = split < active ? split * chunk : kv_len, end = min(kv_len, begin + chunk);
+    if (split >= active) return;  // no range: the `active` others complete the row
+    const int begin = split * chunk, end = min(kv_len, begin + chunk);
     const bi_bf16 *k_cache = args.k_cache, *v_cache = args.v_cache;
     float *partials = args.partials;
     bi_bf16 *out = args.out;
@@ -129,12 +129,15 @@ __device__ __forceinline__ void attend_split(const Args &args, int row, int kv_h
                 merged += warp_state[w][h][2 + d] * scale_w;
             }
         }
-        float *dst = partials + ((static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * splits + split) * BI_PARTIAL_FLOATS;
-        if (split < active) {
+        if (active == 1) {  // the whole row in one range: no partials to merge
+            out[(static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * BI_HEAD_DIM + d] = bi::f32_to_bf16(merged / sum);
+        } else {
+            float *dst = partials + ((static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * splits + split) * BI_PARTIAL_FLOATS;
             if (d == 0) dst[0] = best, dst[1] = sum;
             dst[2 + d] = merged;
         }
     }
+    if (active == 1) return;
 
     // The last block of this (row, kv head) to finish merges every range into the output.
     __shared__ bool last;
@@ -142,7 +145,7 @@ __device__ __forceinline__ void attend_split(const Args &args, int row, int kv_h
     __syncthreads();
     if (threadIdx.x == 0) {
         int32_t *counter = args.counters + static_cast<size_t>(row) * BI_KV_HEADS + kv_head;
-        last = atomicAdd(counter, 1) == splits - 1;
+        last = atomicAdd(counter, 1) == active - 1;
         if (last) *counter = 0;  // ready for the next launch
     }
     __syncthreads();

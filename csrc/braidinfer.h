@@ -117,7 +117,7 @@ typedef struct {
     bi_bf16 *act;                 /* [m, 3072] scratch */
     float *partials;              /* [m, 16, splits, BI_PARTIAL_FLOATS] scratch */
     int32_t *counters;            /* [m, 8]: zero before the first launch, left zero */
-    uint32_t *barrier;            /* [2]: zero before the first launch, left consistent */
+    unsigned long long *arrivals; /* grid-barrier arrivals: zero before the first launch, only grows */
     const int32_t *positions;     /* [m]; negative: a padding row */
     const int32_t *row_seq;       /* [m] */
     const int32_t *block_tables;  /* [seqs, max_blocks] */

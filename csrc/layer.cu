@@ -80,20 +80,15 @@ __device__ __forceinline__ void product(const Tiles<Chunks, MaxTiles> &t, const 
     __syncthreads();  // shared memory is reused by the next phase
 }
 
-// All blocks of the grid meet here; a sense-reversing barrier (count, generation) that stays
-// consistent across launches.
-__device__ __forceinline__ void grid_barrier(uint32_t *barrier) {
+// All blocks of the grid meet here. `arrivals` only grows (64 bits: it never wraps), so a
+// barrier is one atomic add and a poll, with nothing to reset between barriers or launches.
+__device__ __forceinline__ void grid_barrier(unsigned long long *arrivals) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        volatile uint32_t *generation = barrier + 1;
-        const uint32_t seen = *generation;
         __threadfence();
-        if (atomicAdd(barrier, 1u) == gridDim.x - 1) {
-            atomicExch(barrier, 0u);
-            __threadfence();
-            atomicAdd(barrier + 1, 1u);
-        } else {
-            while (*generation == seen) __nanosleep(20);
+        const unsigned long long ticket = atomicAdd(arrivals, 1ull);
+        const unsigned long long release = (ticket / gridDim.x + 1) * gridDim.x;
+        while (*reinterpret_cast<volatile unsigned long long *>(arrivals) < release) {
         }
         __threadfence();
     }
@@ -138,10 +133,11 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
                     st.attn[(static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup) * BI_HEAD_DIM + i] = 0;
             continue;
         }
+        const int active = min(st.splits, (pos + kMinSplitTokens) / kMinSplitTokens);
+        if (split >= active) continue;  // a short context uses fewer ranges
         const int32_t *table = st.block_tables + static_cast<size_t>(st.row_seq[row]) * st.max_blocks;
         const float *qkv = st.qkv + static_cast<size_t>(row) * (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
         // The range that ends at `pos` first writes the new K and V, then reads them back.
-        const int active = min(st.splits, (pos + kMinSplitTokens) / kMinSplitTokens);
         if (split == active - 1) {
             const size_t slot = ((static_cast<size_t>(table[pos / BI_BLOCK_TOKENS]) * BI_KV_HEADS + kv_head) * BI_BLOCK_TOKENS +
                                  pos % BI_BLOCK_TOKENS) * BI_HEAD_DIM + 4 * lane;
@@ -196,21 +192,21 @@ __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, 
 
     Tiles<kQWidth / kWarps / bi::kChunk, kNarrowTiles> o_w;
     load_tiles(o_w, w.o, BI_HIDDEN, kQWidth);
-    grid_barrier(st.barrier);
+    grid_barrier(st.arrivals);
     attention_phase(w, st, smem);
-    grid_barrier(st.barrier);
+    grid_barrier(st.arrivals);
     product<kQWidth / kWarps / bi::kChunk, kNarrowTiles, BI_EPILOGUE_ADD_RESIDUAL, false>(
         o_w, {st.attn, nullptr, st.m, kQWidth}, st.eps, st.x, BI_HIDDEN, smem);
 
     Tiles<BI_HIDDEN / kWarps / bi::kChunk, kGateUpTiles> gate_up_w;
     load_tiles(gate_up_w, w.gate_up, 2 * BI_INTERMEDIATE, BI_HIDDEN);
-    grid_barrier(st.barrier);
+    grid_barrier(st.arrivals);
     product<BI_HIDDEN / kWarps / bi::kChunk, kGateUpTiles, BI_EPILOGUE_SWIGLU, true>(
         gate_up_w, {st.x, w.post_norm, st.m, BI_HIDDEN}, st.eps, st.act, 2 * BI_INTERMEDIATE, smem);
 
     Tiles<BI_INTERMEDIATE / kWarps / bi::kChunk, kNarrowTiles> down_w;
     load_tiles(down_w, w.down, BI_HIDDEN, BI_INTERMEDIATE);
-    grid_barrier(st.barrier);
+    grid_barrier(st.arrivals);
     product<BI_INTERMEDIATE / kWarps / bi::kChunk, kNarrowTiles, BI_EPILOGUE_ADD_RESIDUAL, false>(
         down_w, {st.act, nullptr, st.m, BI_INTERMEDIATE}, st.eps, st.x, BI_HIDDEN, smem);
 }

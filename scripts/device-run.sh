@@ -16,7 +16,7 @@ for step in $steps; do
         parity) PYTHONUNBUFFERED=1 python3 scripts/parity.py --bundle dist --json "$out/parity.json" >"$out/parity.log" 2>&1
                 tail -n 8 "$out/parity.log"; summary+=("$(tail -n 1 "$out/parity.log")") ;;
         bench) dist/benches/decode --json "$out/decode.json" 2>&1 | tee "$out/decode.txt"
-               summary+=("$(grep -E '^ +1024 ' "$out/decode.txt" | sed 's/^/decode ctx /')") ;;
+               summary+=("$(grep -E '^ *1024 ' "$out/decode.txt" | sed 's/^ */decode ctx /')") ;;
         sanitizer) for tool in memcheck racecheck synccheck; do
                        compute-sanitizer --tool $tool --error-exitcode 9 dist/braidinfer --synthetic --layers 2 \
                            --prompt "Hello there" --max-tokens 4 --temperature 0.7 >"$out/sanitizer-$tool.txt" 2>&1

@@ -41,10 +41,10 @@ impl Default for EngineOptions {
     }
 }
 
-/// Attention splits for a decode batch: about two blocks per SM (132 on H100/H200) in all; the
-/// kernel uses fewer where the context is short.
+/// Attention ranges per row for a decode batch: (row, kv head, range) work items fill the 132
+/// SMs of an H100/H200 once; the kernels use fewer ranges where the context is short.
 fn decode_splits(batch: usize) -> usize {
-    (264usize.div_ceil(8 * batch)).clamp(1, kernels::MAX_SPLITS)
+    (132 / (8 * batch)).clamp(1, kernels::MAX_SPLITS)
 }
 
 pub struct Engine {

@@ -31,7 +31,7 @@ pub struct StepBuffers {
     act: CudaSlice<u16>,           // [rows, 3072] SwiGLU output
     partials: CudaSlice<f32>,      // [rows, 16, splits, 130]
     counters: CudaSlice<i32>,      // [rows, 8] attention completion counters, kept zero
-    barrier: CudaSlice<u32>,       // [2] grid barrier of the fused layer kernel
+    arrivals: CudaSlice<u64>,      // [1] grid-barrier arrivals of the fused layer kernel
 }
 
 impl StepBuffers {
@@ -50,7 +50,7 @@ impl StepBuffers {
             act: gpu.alloc(rows * INTERMEDIATE)?,
             partials: gpu.alloc(rows * Q_HEADS * splits * PARTIAL_FLOATS)?,
             counters: gpu.alloc(rows * KV_HEADS)?,
-            barrier: gpu.alloc(2)?,
+            arrivals: gpu.alloc(1)?,
         })
     }
 }
@@ -105,7 +105,7 @@ impl Forward {
                 act: &mut bufs.act,
                 partials: &mut bufs.partials,
                 counters: &mut bufs.counters,
-                barrier: &mut bufs.barrier,
+                arrivals: &mut bufs.arrivals,
             };
             let (mut k, mut v) = cache.layer_mut(i);
             let layer_cache = LayerCache {

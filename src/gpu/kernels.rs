@@ -366,7 +366,7 @@ pub struct DecodeScratch<'a> {
     pub act: &'a mut CudaSlice<u16>,      // [m, 3072]
     pub partials: &'a mut CudaSlice<f32>, // [m, 16, splits, 130]
     pub counters: &'a mut CudaSlice<i32>, // [m, 8]
-    pub barrier: &'a mut CudaSlice<u32>,  // [2]
+    pub arrivals: &'a mut CudaSlice<u64>, // [1] grid-barrier arrivals
 }
 
 /// A whole decoder layer for up to 16 decode rows in one launch (csrc/layer.cu).
@@ -413,7 +413,7 @@ pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
         "partials",
     )?;
     fits(scratch.counters, m * KV_HEADS, "counters")?;
-    fits(scratch.barrier, 2, "barrier")?;
+    fits(scratch.arrivals, 1, "arrivals")?;
     fits(rope_inv_freq, HEAD_DIM / 2, "rope_inv_freq")?;
     ensure!(
         cache.k.len() == cache.v.len() && cache.k.len() % (KV_WIDTH * BLOCK_TOKENS) == 0,
@@ -441,7 +441,7 @@ pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
         act: pm(gpu, scratch.act),
         partials: pm(gpu, scratch.partials),
         counters: pm(gpu, scratch.counters),
-        barrier: pm(gpu, scratch.barrier),
+        arrivals: pm(gpu, scratch.arrivals),
         positions: p(gpu, rows.positions),
         row_seq: p(gpu, rows.row_seq),
         block_tables: p(gpu, rows.block_tables),
