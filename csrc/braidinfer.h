@@ -93,7 +93,7 @@ cudaError_t bi_attention(bi_bf16 *out, float *partials, int32_t *counters, const
                          const int32_t *block_tables, int m, int max_blocks, int splits,
                          const void *prefetch, size_t prefetch_bytes, cudaStream_t stream);
 
-/* One decoder layer's weights for bi_decode_layers (Qwen3-0.6B shapes, bf16). */
+/* One decoder layer's weights for bi_decode_layer (Qwen3-0.6B shapes, bf16). */
 typedef struct {
     const bi_bf16 *input_norm; /* [1024] */
     const bi_bf16 *qkv;        /* [4096, 1024]: q 2048 rows | k 1024 | v 1024 */
@@ -105,9 +105,11 @@ typedef struct {
     const bi_bf16 *down;       /* [1024, 3072] */
     bi_bf16 *k_cache;          /* [blocks, 8, 16, 128]: this layer's */
     bi_bf16 *v_cache;
+    const void *next_qkv;      /* the next layer's qkv, pulled into L2 (NULL, 0: none) */
+    size_t next_qkv_bytes;
 } bi_layer_weights;
 
-/* The decode step's state for bi_decode_layers. */
+/* The decode step's state for bi_decode_layer. */
 typedef struct {
     float *x;                     /* [m, 1024] residual stream, updated */
     float *qkv;                   /* [m, 4096] scratch */
@@ -126,16 +128,11 @@ typedef struct {
     float eps;
 } bi_layer_state;
 
-/* The fewest SMs bi_decode_layers runs on (its grid is one block per SM). */
-#define BI_FUSED_DECODE_MIN_SMS 128
-
-/* Every decoder layer for m <= 16 decode rows in one launch: per layer the same arithmetic as
+/* One whole decoder layer for m <= 16 decode rows in one launch: the same arithmetic as
  * bi_norm_linear (qkv), bi_qk_norm_rope_cache, bi_attention, bi_linear (o, residual),
  * bi_norm_linear (gate/up, SwiGLU) and bi_linear (down, residual) in sequence, on a persistent
- * grid of one block per SM with grid-wide barriers between the phases.
- * layers: [n_layers] in device memory. */
-cudaError_t bi_decode_layers(const bi_layer_weights *layers, int n_layers, const bi_layer_state *state,
-                             cudaStream_t stream);
+ * grid of one block per SM with grid-wide barriers between the phases. */
+cudaError_t bi_decode_layer(const bi_layer_weights *weights, const bi_layer_state *state, cudaStream_t stream);
 
 /* Sampling parameters of one sequence (temperature 0 or top_k 1: greedy). */
 typedef struct {

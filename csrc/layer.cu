@@ -1,19 +1,17 @@
-// Every transformer layer of a decode step in one launch (up to 16 rows, one per sequence).
+// One transformer layer of a decode step in one launch (up to 16 rows, one per sequence).
 //
-// A persistent grid, one 16-warp block per SM, runs each layer's five phases with a grid-wide
+// A persistent grid, one 16-warp block per SM, runs the layer's five phases with a grid-wide
 // barrier between dependent ones:
 //   qkv = rmsnorm(x) . Wqkv^T | q/k norm + RoPE, K/V into the cache, attention | x += attn . Wo^T
 //   | act = SwiGLU(rmsnorm(x) . Wgu^T) | x += act . Wdown^T
 // Weights never depend on activations: every block loads its rows of the next product into
 // registers before it waits at the barrier, so DRAM streams while the grid synchronizes, and
-// at each layer's start it pulls the layer's later matrices and the next layer's qkv into L2
-// (bulk prefetch).
+// at the start it pulls the layer's later matrices and the next layer's qkv into L2 (bulk
+// prefetch). Between layers, programmatic dependent launch lets the next layer start its loads
+// while this one drains.
 //
-// Measured on an H200 (benches/decode.rs, batch 1, context 1024, 2026-11-22): the step as
-// separate kernels (6 per layer, 172 graph nodes) ran at 888 tok/s; as one launch per layer
-// with a two-word barrier, 878; with the one-atomic barrier, 940. Removing the barriers (wrong
-// results, timing only) gave 1152 and removing the attention phase 1186: barriers and the
-// attention phase's memory round trips are what stands between this kernel and the bandwidth.
+// Measured on an H200 (benches/decode.rs, batch 1, context 1024): the same step as separate
+// kernels (6 per layer, 172 graph nodes) ran at 888 tok/s; see the README for this kernel's.
 #include "attention.cuh"
 #include "matvec.cuh"
 
@@ -171,74 +169,63 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
 
 constexpr int kQkvRows = (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
 constexpr int kQWidth = BI_Q_HEADS * BI_HEAD_DIM;
-// Most tiles per block of each product (qkv 512 tiles, gate/up 768, o and down 128): grids of
-// 128 blocks and up (132 SMs on H100/H200 SXM); smaller GPUs take the separate kernels.
-constexpr int kQkvTiles = 4, kGateUpTiles = 6, kNarrowTiles = 1;
-static_assert(BI_FUSED_DECODE_MIN_SMS * kQkvTiles * 8 >= kQkvRows && BI_FUSED_DECODE_MIN_SMS * kNarrowTiles * 8 >= BI_HIDDEN &&
-                  BI_FUSED_DECODE_MIN_SMS * kGateUpTiles * 8 >= 2 * BI_INTERMEDIATE,
-              "every block must own at most the tiles its registers hold");
+// Most tiles per block of each product (qkv 512 tiles, gate/up 768, o and down 128): enough
+// for grids of 110 blocks and up (132 SMs on H100/H200 SXM, 114 on H100 PCIe).
+constexpr int kQkvTiles = 5, kGateUpTiles = 7, kNarrowTiles = 2;
 constexpr int kSmemFloats = kMaxRows + kGateUpTiles * kWarps * 4 * bi::kWarp > bi::attn::kSmemFloats
                                 ? kMaxRows + kGateUpTiles * kWarps * 4 * bi::kWarp
                                 : bi::attn::kSmemFloats;
 
-constexpr int kQkvChunks = BI_HIDDEN / kWarps / bi::kChunk, kOChunks = kQWidth / kWarps / bi::kChunk;
-constexpr int kDownChunks = BI_INTERMEDIATE / kWarps / bi::kChunk;
-
-// grid: one block per SM. layers: [n_layers] in device memory.
-__global__ void __launch_bounds__(kThreads, 1)
-    layers_kernel(const bi_layer_weights *__restrict__ layers, int n_layers, bi_layer_state st) {
+__global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, bi_layer_state st) {
     extern __shared__ float smem[];
     bi::allow_next_kernel();
-    Tiles<kQkvChunks, kQkvTiles> qkv_w;
-    load_tiles(qkv_w, layers[0].qkv, kQkvRows, BI_HIDDEN);  // weights: no need to wait
-    bi::wait_for_previous_kernel();
-    for (int l = 0; l < n_layers; ++l) {
-        const bi_layer_weights &w = layers[l];
-        bi::prefetch_l2_share(w.o, static_cast<size_t>(BI_HIDDEN) * kQWidth * sizeof(bi_bf16));
-        bi::prefetch_l2_share(w.gate_up, static_cast<size_t>(2 * BI_INTERMEDIATE) * BI_HIDDEN * sizeof(bi_bf16));
-        bi::prefetch_l2_share(w.down, static_cast<size_t>(BI_HIDDEN) * BI_INTERMEDIATE * sizeof(bi_bf16));
-        if (l + 1 < n_layers) bi::prefetch_l2_share(layers[l + 1].qkv, static_cast<size_t>(kQkvRows) * BI_HIDDEN * sizeof(bi_bf16));
+    bi::prefetch_l2_share(w.o, static_cast<size_t>(BI_HIDDEN) * kQWidth * sizeof(bi_bf16));
+    bi::prefetch_l2_share(w.gate_up, static_cast<size_t>(2 * BI_INTERMEDIATE) * BI_HIDDEN * sizeof(bi_bf16));
+    bi::prefetch_l2_share(w.down, static_cast<size_t>(BI_HIDDEN) * BI_INTERMEDIATE * sizeof(bi_bf16));
+    bi::prefetch_l2_share(w.next_qkv, w.next_qkv_bytes);
 
-        product<kQkvChunks, kQkvTiles, BI_EPILOGUE_STORE_F32, true>(qkv_w, {st.x, w.input_norm, st.m, BI_HIDDEN}, st.eps,
-                                                                    st.qkv, kQkvRows, smem);
-        Tiles<kOChunks, kNarrowTiles> o_w;
-        load_tiles(o_w, w.o, BI_HIDDEN, kQWidth);
-        grid_barrier(st.arrivals);
-        attention_phase(w, st, smem);
-        grid_barrier(st.arrivals);
-        product<kOChunks, kNarrowTiles, BI_EPILOGUE_ADD_RESIDUAL, false>(o_w, {st.attn, nullptr, st.m, kQWidth}, st.eps, st.x,
-                                                                         BI_HIDDEN, smem);
-        Tiles<kQkvChunks, kGateUpTiles> gate_up_w;
-        load_tiles(gate_up_w, w.gate_up, 2 * BI_INTERMEDIATE, BI_HIDDEN);
-        grid_barrier(st.arrivals);
-        product<kQkvChunks, kGateUpTiles, BI_EPILOGUE_SWIGLU, true>(gate_up_w, {st.x, w.post_norm, st.m, BI_HIDDEN}, st.eps,
-                                                                     st.act, 2 * BI_INTERMEDIATE, smem);
-        Tiles<kDownChunks, kNarrowTiles> down_w;
-        load_tiles(down_w, w.down, BI_HIDDEN, BI_INTERMEDIATE);
-        grid_barrier(st.arrivals);
-        product<kDownChunks, kNarrowTiles, BI_EPILOGUE_ADD_RESIDUAL, false>(down_w, {st.act, nullptr, st.m, BI_INTERMEDIATE},
-                                                                            st.eps, st.x, BI_HIDDEN, smem);
-        if (l + 1 < n_layers) {
-            load_tiles(qkv_w, layers[l + 1].qkv, kQkvRows, BI_HIDDEN);  // in flight across the barrier
-            grid_barrier(st.arrivals);
-        }
-    }
+    Tiles<BI_HIDDEN / kWarps / bi::kChunk, kQkvTiles> qkv_w;
+    load_tiles(qkv_w, w.qkv, kQkvRows, BI_HIDDEN);
+    bi::wait_for_previous_kernel();
+    product<BI_HIDDEN / kWarps / bi::kChunk, kQkvTiles, BI_EPILOGUE_STORE_F32, true>(
+        qkv_w, {st.x, w.input_norm, st.m, BI_HIDDEN}, st.eps, st.qkv, kQkvRows, smem);
+
+    Tiles<kQWidth / kWarps / bi::kChunk, kNarrowTiles> o_w;
+    load_tiles(o_w, w.o, BI_HIDDEN, kQWidth);
+    grid_barrier(st.arrivals);
+    attention_phase(w, st, smem);
+    grid_barrier(st.arrivals);
+    product<kQWidth / kWarps / bi::kChunk, kNarrowTiles, BI_EPILOGUE_ADD_RESIDUAL, false>(
+        o_w, {st.attn, nullptr, st.m, kQWidth}, st.eps, st.x, BI_HIDDEN, smem);
+
+    Tiles<BI_HIDDEN / kWarps / bi::kChunk, kGateUpTiles> gate_up_w;
+    load_tiles(gate_up_w, w.gate_up, 2 * BI_INTERMEDIATE, BI_HIDDEN);
+    grid_barrier(st.arrivals);
+    product<BI_HIDDEN / kWarps / bi::kChunk, kGateUpTiles, BI_EPILOGUE_SWIGLU, true>(
+        gate_up_w, {st.x, w.post_norm, st.m, BI_HIDDEN}, st.eps, st.act, 2 * BI_INTERMEDIATE, smem);
+
+    Tiles<BI_INTERMEDIATE / kWarps / bi::kChunk, kNarrowTiles> down_w;
+    load_tiles(down_w, w.down, BI_HIDDEN, BI_INTERMEDIATE);
+    grid_barrier(st.arrivals);
+    product<BI_INTERMEDIATE / kWarps / bi::kChunk, kNarrowTiles, BI_EPILOGUE_ADD_RESIDUAL, false>(
+        down_w, {st.act, nullptr, st.m, BI_INTERMEDIATE}, st.eps, st.x, BI_HIDDEN, smem);
 }
 
 }  // namespace
 
-extern "C" cudaError_t bi_decode_layers(const bi_layer_weights *layers, int n_layers, const bi_layer_state *state,
-                                        cudaStream_t stream) {
-    if (layers == nullptr || n_layers <= 0 || state == nullptr || state->m <= 0 || state->m > kMaxRows ||
-        state->splits <= 0 || state->splits > BI_MAX_SPLITS || state->max_blocks <= 0)
+extern "C" cudaError_t bi_decode_layer(const bi_layer_weights *weights, const bi_layer_state *state, cudaStream_t stream) {
+    if (weights == nullptr || state == nullptr || state->m <= 0 || state->m > kMaxRows || state->splits <= 0 ||
+        state->splits > BI_MAX_SPLITS || state->max_blocks <= 0)
         return cudaErrorInvalidValue;
     int device = 0, sms = 0;
     cudaError_t e = cudaGetDevice(&device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (e != cudaSuccess) return e;
-    if (sms < BI_FUSED_DECODE_MIN_SMS) return cudaErrorInvalidConfiguration;
+    // Every block must own at most the tiles its registers hold.
+    if (sms * kQkvTiles * 8 < kQkvRows || sms * kGateUpTiles * 8 < 2 * BI_INTERMEDIATE || sms * kNarrowTiles * 8 < BI_HIDDEN)
+        return cudaErrorInvalidConfiguration;
     constexpr size_t smem = kSmemFloats * sizeof(float);
-    e = cudaFuncSetAttribute(layers_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    e = cudaFuncSetAttribute(layer_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
-    return bi::launch(layers_kernel, dim3(sms), dim3(kThreads), smem, stream, layers, n_layers, *state);
+    return bi::launch(layer_kernel, dim3(sms), dim3(kThreads), smem, stream, *weights, *state);
 }

@@ -38,16 +38,6 @@ impl Gpu {
             .unwrap_or_else(|_| "unknown GPU".to_string())
     }
 
-    pub fn multiprocessors(&self) -> Result<usize> {
-        let count = self
-            .ctx
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .context("reading the SM count")?;
-        Ok(count as usize)
-    }
-
     /// The stream as the C ABI sees it.
     pub fn raw_stream(&self) -> ffi::cudaStream_t {
         self.stream.cu_stream() as ffi::cudaStream_t
@@ -101,7 +91,3 @@ pub fn check(code: ffi::cudaError_t, what: &str) -> Result<()> {
 // SAFETY: bi_sampling_params is a #[repr(C)] struct of plain 32-bit fields (bindgen output),
 // valid for any bit pattern, so it may be copied to the device as bytes.
 unsafe impl DeviceRepr for ffi::bi_sampling_params {}
-
-// SAFETY: bi_layer_weights is a #[repr(C)] struct of device addresses (bindgen output); the
-// device reads it as plain data.
-unsafe impl DeviceRepr for ffi::bi_layer_weights {}

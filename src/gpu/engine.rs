@@ -10,7 +10,7 @@
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{sys, CudaGraph, CudaSlice};
 
-use super::forward::{layer_table, Forward, StepBuffers};
+use super::forward::{Forward, StepBuffers};
 use super::kernels::{
     self, SampleState, SamplingParamsRaw, BLOCK_TOKENS, MAX_TOP_K, SAMPLE_CHUNKS,
 };
@@ -92,8 +92,7 @@ impl Engine {
                 (b * config.max_positions * per_position).min(free / 10 * 9)
             }
         };
-        let mut cache = KvCache::new(&gpu, config.layers, cache_bytes)?;
-        let layer_table = layer_table(&gpu, &weights, &mut cache)?;
+        let cache = KvCache::new(&gpu, config.layers, cache_bytes)?;
         let context_limit = config.max_positions.min(cache.blocks() * BLOCK_TOKENS);
         let max_blocks = context_limit.div_ceil(BLOCK_TOKENS);
         let block_tables = gpu.alloc(b * max_blocks)?;
@@ -103,7 +102,6 @@ impl Engine {
             weights,
             block_tables,
             max_blocks,
-            layer_table,
         };
         let mut engine = Self {
             forward,

@@ -6,7 +6,7 @@ use anyhow::Result;
 use cudarc::driver::{CudaSlice, DevicePtrMut};
 
 use super::kernels::{
-    self, DecodeLayer, DecodeScratch, Epilogue, LayerCache, LayerEntry, NormEpilogue, Rows,
+    self, DecodeLayer, DecodeScratch, Epilogue, LayerCache, NormEpilogue, Rows,
     DECODE_LAYER_MAX_ROWS, HIDDEN, INTERMEDIATE, KV_HEADS, PARTIAL_FLOATS, QKV_WIDTH, Q_HEADS,
     Q_WIDTH,
 };
@@ -62,27 +62,32 @@ pub struct Forward {
     pub weights: DeviceWeights,
     pub block_tables: CudaSlice<i32>, // [sequences, max_blocks]
     pub max_blocks: usize,
-    /// Per layer: the device addresses of its weights and KV cache, for the fused decode kernel;
-    /// None where the GPU has too few SMs for it.
-    pub layer_table: Option<CudaSlice<LayerEntry>>,
 }
 
-/// The fused decode kernel's table of every layer's weights and cache (see `layer_entry`), or
-/// None where the GPU has fewer SMs than the kernel's grid needs.
-pub fn layer_table(
-    gpu: &Gpu,
-    weights: &DeviceWeights,
-    cache: &mut KvCache,
-) -> Result<Option<CudaSlice<LayerEntry>>> {
-    if gpu.multiprocessors()? < kernels::FUSED_DECODE_MIN_SMS {
-        return Ok(None);
-    }
-    let entries = weights
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(i, layer)| {
-            let decode_layer = DecodeLayer {
+impl Forward {
+    /// A decode step's embedding and layers for `m` rows (one per sequence): one fused kernel
+    /// per layer for up to 16 rows, the separate kernels of `layers` beyond.
+    pub fn decode_layers(
+        &self,
+        bufs: &mut StepBuffers,
+        cache: &mut KvCache,
+        m: usize,
+    ) -> Result<()> {
+        if m > DECODE_LAYER_MAX_ROWS {
+            return self.layers(bufs, cache, m);
+        }
+        let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
+        anyhow::ensure!(m <= bufs.rows, "{m} rows for buffers of {}", bufs.rows);
+        kernels::embedding(gpu, &mut bufs.x, &w.embed, &bufs.tokens, m, HIDDEN, c.vocab)?;
+        for (i, layer) in w.layers.iter().enumerate() {
+            let rows = Rows {
+                positions: &bufs.positions,
+                row_seq: &bufs.row_seq,
+                block_tables: &self.block_tables,
+                max_blocks: self.max_blocks,
+                m,
+            };
+            let weights = DecodeLayer {
                 input_norm: &layer.input_norm,
                 qkv: &layer.qkv,
                 q_norm: &layer.q_norm,
@@ -91,63 +96,34 @@ pub fn layer_table(
                 post_norm: &layer.post_norm,
                 gate_up: &layer.gate_up,
                 down: &layer.down,
+                next_qkv: w.layers.get(i + 1).map(|next| &next.qkv),
+            };
+            let scratch = DecodeScratch {
+                x: &mut bufs.x,
+                qkv: &mut bufs.qkv,
+                attn: &mut bufs.attn,
+                act: &mut bufs.act,
+                partials: &mut bufs.partials,
+                counters: &mut bufs.counters,
+                arrivals: &mut bufs.arrivals,
             };
             let (mut k, mut v) = cache.layer_mut(i);
-            kernels::layer_entry(
+            let layer_cache = LayerCache {
+                k: &mut k,
+                v: &mut v,
+            };
+            kernels::decode_layer(
                 gpu,
-                &decode_layer,
-                LayerCache {
-                    k: &mut k,
-                    v: &mut v,
-                },
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
-    gpu.upload(&entries).map(Some)
-}
-
-impl Forward {
-    /// A decode step's embedding and layers for `m` rows (one per sequence): all layers in
-    /// one fused launch for up to 16 rows, the separate kernels of `layers` beyond (and on
-    /// GPUs with too few SMs for the fused kernel).
-    pub fn decode_layers(
-        &self,
-        bufs: &mut StepBuffers,
-        cache: &mut KvCache,
-        m: usize,
-    ) -> Result<()> {
-        let table = match &self.layer_table {
-            Some(table) if m <= DECODE_LAYER_MAX_ROWS => table,
-            _ => return self.layers(bufs, cache, m),
-        };
-        let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
-        anyhow::ensure!(m <= bufs.rows, "{m} rows for buffers of {}", bufs.rows);
-        kernels::embedding(gpu, &mut bufs.x, &w.embed, &bufs.tokens, m, HIDDEN, c.vocab)?;
-        let rows = Rows {
-            positions: &bufs.positions,
-            row_seq: &bufs.row_seq,
-            block_tables: &self.block_tables,
-            max_blocks: self.max_blocks,
-            m,
-        };
-        let scratch = DecodeScratch {
-            x: &mut bufs.x,
-            qkv: &mut bufs.qkv,
-            attn: &mut bufs.attn,
-            act: &mut bufs.act,
-            partials: &mut bufs.partials,
-            counters: &mut bufs.counters,
-            arrivals: &mut bufs.arrivals,
-        };
-        kernels::decode_layers(
-            gpu,
-            table,
-            scratch,
-            &rows,
-            &w.rope_inv_freq,
-            bufs.splits,
-            c.rms_eps,
-        )
+                &weights,
+                layer_cache,
+                scratch,
+                &rows,
+                &w.rope_inv_freq,
+                bufs.splits,
+                c.rms_eps,
+            )?;
+        }
+        Ok(())
     }
 
     /// Embedding and every layer for the first `m` rows, kernel by kernel (prefill); K/V of the

@@ -19,7 +19,6 @@ pub const INTERMEDIATE: usize = ffi::BI_INTERMEDIATE as usize;
 pub const BLOCK_TOKENS: usize = ffi::BI_BLOCK_TOKENS as usize;
 pub const PARTIAL_FLOATS: usize = ffi::BI_PARTIAL_FLOATS as usize;
 pub const MAX_SPLITS: usize = ffi::BI_MAX_SPLITS as usize;
-pub const FUSED_DECODE_MIN_SMS: usize = ffi::BI_FUSED_DECODE_MIN_SMS as usize;
 pub const SAMPLE_CHUNKS: usize = ffi::BI_SAMPLE_CHUNKS as usize;
 pub const MAX_TOP_K: usize = ffi::BI_MAX_TOP_K as usize;
 pub const Q_WIDTH: usize = Q_HEADS * HEAD_DIM;
@@ -343,12 +342,10 @@ pub fn attention<P: DevicePtr<i32>>(
     check(code, "bi_attention")
 }
 
-/// The most rows `decode_layers` takes (one m16 tensor-core tile).
+/// The most rows `decode_layer` takes (one m16 tensor-core tile).
 pub const DECODE_LAYER_MAX_ROWS: usize = 16;
 
-pub use ffi::bi_layer_weights as LayerEntry;
-
-/// One decoder layer's weights on the device, as the fused decode kernel reads them.
+/// One decoder layer's weights on the device, as `decode_layer` reads them.
 pub struct DecodeLayer<'a> {
     pub input_norm: &'a CudaSlice<u16>, // [1024]
     pub qkv: &'a CudaSlice<u16>,        // [4096, 1024]
@@ -358,51 +355,10 @@ pub struct DecodeLayer<'a> {
     pub post_norm: &'a CudaSlice<u16>,  // [1024]
     pub gate_up: &'a CudaSlice<u16>,    // [6144, 1024] interleaved
     pub down: &'a CudaSlice<u16>,       // [1024, 3072]
+    pub next_qkv: Prefetch<'a>,
 }
 
-/// The entry of the device-side layer table for one layer: its weights and KV cache, checked
-/// against the shapes the kernel reads. The entry holds raw device addresses: the buffers must
-/// outlive every launch that reads the table (the engine owns both for its whole life).
-pub fn layer_entry<C: DevicePtrMut<u16>>(
-    gpu: &Gpu,
-    layer: &DecodeLayer<'_>,
-    cache: LayerCache<'_, C>,
-) -> Result<LayerEntry> {
-    for (tensor, len, name) in [
-        (layer.input_norm, HIDDEN, "input_norm"),
-        (layer.qkv, QKV_WIDTH * HIDDEN, "qkv"),
-        (layer.q_norm, HEAD_DIM, "q_norm"),
-        (layer.k_norm, HEAD_DIM, "k_norm"),
-        (layer.o, HIDDEN * Q_WIDTH, "o"),
-        (layer.post_norm, HIDDEN, "post_norm"),
-        (layer.gate_up, 2 * INTERMEDIATE * HIDDEN, "gate_up"),
-        (layer.down, HIDDEN * INTERMEDIATE, "down"),
-    ] {
-        ensure!(
-            tensor.len() == len,
-            "{name}: {} elements, the fused kernel reads {len}",
-            tensor.len()
-        );
-    }
-    ensure!(
-        cache.k.len() == cache.v.len() && cache.k.len() % (KV_WIDTH * BLOCK_TOKENS) == 0,
-        "layer cache shape"
-    );
-    Ok(LayerEntry {
-        input_norm: p(gpu, layer.input_norm),
-        qkv: p(gpu, layer.qkv),
-        q_norm: p(gpu, layer.q_norm),
-        k_norm: p(gpu, layer.k_norm),
-        o: p(gpu, layer.o),
-        post_norm: p(gpu, layer.post_norm),
-        gate_up: p(gpu, layer.gate_up),
-        down: p(gpu, layer.down),
-        k_cache: pm(gpu, cache.k),
-        v_cache: pm(gpu, cache.v),
-    })
-}
-
-/// The decode step's buffers that the fused kernel updates or uses as scratch.
+/// The decode step's buffers that `decode_layer` updates or uses as scratch.
 pub struct DecodeScratch<'a> {
     pub x: &'a mut CudaSlice<f32>,        // [m, 1024]
     pub qkv: &'a mut CudaSlice<f32>,      // [m, 4096]
@@ -413,11 +369,12 @@ pub struct DecodeScratch<'a> {
     pub arrivals: &'a mut CudaSlice<u64>, // [1] grid-barrier arrivals
 }
 
-/// Every decoder layer for up to 16 decode rows in one launch (csrc/layer.cu); `table` holds
-/// one `layer_entry` per layer.
-pub fn decode_layers<P: DevicePtr<i32>>(
+/// A whole decoder layer for up to 16 decode rows in one launch (csrc/layer.cu).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
     gpu: &Gpu,
-    table: &CudaSlice<LayerEntry>,
+    layer: &DecodeLayer<'_>,
+    cache: LayerCache<'_, C>,
     scratch: DecodeScratch<'_>,
     rows: &Rows<'_, P>,
     rope_inv_freq: &CudaSlice<f32>,
@@ -428,12 +385,24 @@ pub fn decode_layers<P: DevicePtr<i32>>(
     let m = rows.m;
     ensure!(
         m <= DECODE_LAYER_MAX_ROWS,
-        "the fused decode kernel takes at most {DECODE_LAYER_MAX_ROWS} rows, got {m}"
+        "decode_layer takes at most {DECODE_LAYER_MAX_ROWS} rows, got {m}"
     );
     ensure!(
         (1..=MAX_SPLITS).contains(&splits),
         "attention splits {splits} outside 1..={MAX_SPLITS}"
     );
+    for (tensor, len, name) in [
+        (layer.input_norm, HIDDEN, "input_norm"),
+        (layer.qkv, QKV_WIDTH * HIDDEN, "qkv"),
+        (layer.q_norm, HEAD_DIM, "q_norm"),
+        (layer.k_norm, HEAD_DIM, "k_norm"),
+        (layer.o, HIDDEN * Q_WIDTH, "o"),
+        (layer.post_norm, HIDDEN, "post_norm"),
+        (layer.gate_up, 2 * INTERMEDIATE * HIDDEN, "gate_up"),
+        (layer.down, HIDDEN * INTERMEDIATE, "down"),
+    ] {
+        fits(tensor, len, name)?;
+    }
     fits(scratch.x, m * HIDDEN, "x")?;
     fits(scratch.qkv, m * QKV_WIDTH, "qkv scratch")?;
     fits(scratch.attn, m * Q_WIDTH, "attn scratch")?;
@@ -446,6 +415,25 @@ pub fn decode_layers<P: DevicePtr<i32>>(
     fits(scratch.counters, m * KV_HEADS, "counters")?;
     fits(scratch.arrivals, 1, "arrivals")?;
     fits(rope_inv_freq, HEAD_DIM / 2, "rope_inv_freq")?;
+    ensure!(
+        cache.k.len() == cache.v.len() && cache.k.len() % (KV_WIDTH * BLOCK_TOKENS) == 0,
+        "layer cache shape"
+    );
+    let (next_qkv, next_qkv_bytes) = prefetch_arg(gpu, layer.next_qkv);
+    let weights = ffi::bi_layer_weights {
+        input_norm: p(gpu, layer.input_norm),
+        qkv: p(gpu, layer.qkv),
+        q_norm: p(gpu, layer.q_norm),
+        k_norm: p(gpu, layer.k_norm),
+        o: p(gpu, layer.o),
+        post_norm: p(gpu, layer.post_norm),
+        gate_up: p(gpu, layer.gate_up),
+        down: p(gpu, layer.down),
+        k_cache: pm(gpu, cache.k),
+        v_cache: pm(gpu, cache.v),
+        next_qkv,
+        next_qkv_bytes,
+    };
     let state = ffi::bi_layer_state {
         x: pm(gpu, scratch.x),
         qkv: pm(gpu, scratch.qkv),
@@ -463,12 +451,10 @@ pub fn decode_layers<P: DevicePtr<i32>>(
         splits: dim(splits, "splits")?,
         eps,
     };
-    let layers = dim(table.len(), "layers")?;
-    // SAFETY: the scratch buffers were checked against the shapes above; every table entry was
-    // checked by layer_entry and points into buffers the engine keeps alive; block ids come from
-    // the host allocator; the state struct is copied by the launch.
-    let code = unsafe { ffi::bi_decode_layers(p(gpu, table), layers, &state, gpu.raw_stream()) };
-    check(code, "bi_decode_layers")
+    // SAFETY: every buffer was checked against the shapes above; block ids come from the host
+    // allocator; the structs hold live device pointers and are copied by the launch.
+    let code = unsafe { ffi::bi_decode_layer(&weights, &state, gpu.raw_stream()) };
+    check(code, "bi_decode_layer")
 }
 
 /// The sampler's device state for `batch` rows.
