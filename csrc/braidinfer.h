@@ -128,6 +128,9 @@ typedef struct {
     float eps;
 } bi_layer_state;
 
+/* The fewest SMs bi_decode_layer runs on (its grid is one block per SM). */
+#define BI_FUSED_DECODE_MIN_SMS 110
+
 /* One whole decoder layer for m <= 16 decode rows in one launch: the same arithmetic as
  * bi_norm_linear (qkv), bi_qk_norm_rope_cache, bi_attention, bi_linear (o, residual),
  * bi_norm_linear (gate/up, SwiGLU) and bi_linear (down, residual) in sequence, on a persistent

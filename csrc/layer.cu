@@ -170,8 +170,12 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
 constexpr int kQkvRows = (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
 constexpr int kQWidth = BI_Q_HEADS * BI_HEAD_DIM;
 // Most tiles per block of each product (qkv 512 tiles, gate/up 768, o and down 128): enough
-// for grids of 110 blocks and up (132 SMs on H100/H200 SXM, 114 on H100 PCIe).
+// for grids of 110 blocks and up (132 SMs on H100/H200 SXM, 114 on H100 PCIe); smaller GPUs
+// take the separate kernels.
 constexpr int kQkvTiles = 5, kGateUpTiles = 7, kNarrowTiles = 2;
+static_assert(BI_FUSED_DECODE_MIN_SMS * kQkvTiles * 8 >= kQkvRows && BI_FUSED_DECODE_MIN_SMS * kNarrowTiles * 8 >= BI_HIDDEN &&
+                  BI_FUSED_DECODE_MIN_SMS * kGateUpTiles * 8 >= 2 * BI_INTERMEDIATE,
+              "every block must own at most the tiles its registers hold");
 constexpr int kSmemFloats = kMaxRows + kGateUpTiles * kWarps * 4 * bi::kWarp > bi::attn::kSmemFloats
                                 ? kMaxRows + kGateUpTiles * kWarps * 4 * bi::kWarp
                                 : bi::attn::kSmemFloats;
@@ -221,9 +225,7 @@ extern "C" cudaError_t bi_decode_layer(const bi_layer_weights *weights, const bi
     cudaError_t e = cudaGetDevice(&device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (e != cudaSuccess) return e;
-    // Every block must own at most the tiles its registers hold.
-    if (sms * kQkvTiles * 8 < kQkvRows || sms * kGateUpTiles * 8 < 2 * BI_INTERMEDIATE || sms * kNarrowTiles * 8 < BI_HIDDEN)
-        return cudaErrorInvalidConfiguration;
+    if (sms < BI_FUSED_DECODE_MIN_SMS) return cudaErrorInvalidConfiguration;
     constexpr size_t smem = kSmemFloats * sizeof(float);
     e = cudaFuncSetAttribute(layer_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;

@@ -38,6 +38,16 @@ impl Gpu {
             .unwrap_or_else(|_| "unknown GPU".to_string())
     }
 
+    pub fn multiprocessors(&self) -> Result<usize> {
+        let count = self
+            .ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .context("reading the SM count")?;
+        Ok(count as usize)
+    }
+
     /// The stream as the C ABI sees it.
     pub fn raw_stream(&self) -> ffi::cudaStream_t {
         self.stream.cu_stream() as ffi::cudaStream_t

@@ -96,12 +96,14 @@ impl Engine {
         let context_limit = config.max_positions.min(cache.blocks() * BLOCK_TOKENS);
         let max_blocks = context_limit.div_ceil(BLOCK_TOKENS);
         let block_tables = gpu.alloc(b * max_blocks)?;
+        let fused_decode = gpu.multiprocessors()? >= kernels::FUSED_DECODE_MIN_SMS;
         let forward = Forward {
             gpu,
             config: config.clone(),
             weights,
             block_tables,
             max_blocks,
+            fused_decode,
         };
         let mut engine = Self {
             forward,

@@ -62,18 +62,21 @@ pub struct Forward {
     pub weights: DeviceWeights,
     pub block_tables: CudaSlice<i32>, // [sequences, max_blocks]
     pub max_blocks: usize,
+    /// Whether the GPU has the SMs for the fused decode-layer kernel's grid.
+    pub fused_decode: bool,
 }
 
 impl Forward {
     /// A decode step's embedding and layers for `m` rows (one per sequence): one fused kernel
-    /// per layer for up to 16 rows, the separate kernels of `layers` beyond.
+    /// per layer for up to 16 rows, the separate kernels of `layers` beyond (and on GPUs with
+    /// too few SMs for the fused kernel's grid).
     pub fn decode_layers(
         &self,
         bufs: &mut StepBuffers,
         cache: &mut KvCache,
         m: usize,
     ) -> Result<()> {
-        if m > DECODE_LAYER_MAX_ROWS {
+        if !self.fused_decode || m > DECODE_LAYER_MAX_ROWS {
             return self.layers(bufs, cache, m);
         }
         let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);

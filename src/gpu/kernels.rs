@@ -19,6 +19,7 @@ pub const INTERMEDIATE: usize = ffi::BI_INTERMEDIATE as usize;
 pub const BLOCK_TOKENS: usize = ffi::BI_BLOCK_TOKENS as usize;
 pub const PARTIAL_FLOATS: usize = ffi::BI_PARTIAL_FLOATS as usize;
 pub const MAX_SPLITS: usize = ffi::BI_MAX_SPLITS as usize;
+pub const FUSED_DECODE_MIN_SMS: usize = ffi::BI_FUSED_DECODE_MIN_SMS as usize;
 pub const SAMPLE_CHUNKS: usize = ffi::BI_SAMPLE_CHUNKS as usize;
 pub const MAX_TOP_K: usize = ffi::BI_MAX_TOP_K as usize;
 pub const Q_WIDTH: usize = Q_HEADS * HEAD_DIM;
