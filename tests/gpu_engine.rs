@@ -34,15 +34,6 @@ fn random_prompt(rng: &mut SplitMix64, len: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn fresh_seed(test: &str) -> SplitMix64 {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("{test}: seed {seed}");
-    SplitMix64::new(seed)
-}
-
 /// True when the reference's two best logits are too close for bf16 math to order reliably.
 fn near_tie(logits: &[f32]) -> bool {
     let best = top_k(logits, 2);
@@ -54,7 +45,7 @@ fn gpu_engine_matches_the_cpu_reference() {
     let Some(gpu) = common::gpu_or_skip("gpu_engine_matches_the_cpu_reference") else {
         return;
     };
-    let mut rng = fresh_seed("gpu_engine_matches_the_cpu_reference");
+    let mut rng = common::fresh_rng("gpu_engine_matches_the_cpu_reference");
     let config = small_real_config();
     let weights = synthetic_weights(&config, rng.next_u64());
     // The oracle rounds activations to bf16 where the kernels store them, so what remains is
@@ -149,7 +140,7 @@ fn gpu_graph_replay_is_bit_identical_to_eager_launches() {
     else {
         return;
     };
-    let mut rng = fresh_seed("gpu_graph_replay");
+    let mut rng = common::fresh_rng("gpu_graph_replay");
     let config = small_real_config();
     let weights = synthetic_weights(&config, 11);
     let mut engine = engine(gpu, &config, &weights, EngineOptions::default());
@@ -193,7 +184,7 @@ fn gpu_long_generation_stays_finite_without_memory_growth() {
     else {
         return;
     };
-    let mut rng = fresh_seed("gpu_long_generation");
+    let mut rng = common::fresh_rng("gpu_long_generation");
     let config = small_real_config();
     let weights = synthetic_weights(&config, 3);
     let ctx = gpu.ctx.clone();
@@ -236,7 +227,7 @@ fn gpu_context_and_capacity_limits_are_clear_errors() {
     let Some(gpu) = common::gpu_or_skip("gpu_context_and_capacity_limits_are_clear_errors") else {
         return;
     };
-    let mut rng = fresh_seed("gpu_limits");
+    let mut rng = common::fresh_rng("gpu_limits");
     let config = small_real_config();
     let weights = synthetic_weights(&config, 5);
     let per_position = braidinfer::gpu::kv_cache::bytes_per_position(config.layers);

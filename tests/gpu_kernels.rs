@@ -12,16 +12,6 @@ use braidinfer::rng::SplitMix64;
 use braidinfer::sampling::{sample, SamplingParams};
 use half::bf16;
 
-/// Fresh inputs every run; the seed is printed so a failure can be replayed.
-fn fresh_rng(test: &str) -> SplitMix64 {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("{test}: seed {seed}");
-    SplitMix64::new(seed)
-}
-
 fn random_bf16(rng: &mut SplitMix64, n: usize, std: f32) -> Vec<u16> {
     (0..n)
         .map(|_| bf16::from_f32(rng.centered(std)).to_bits())
@@ -35,7 +25,7 @@ fn gpu_embedding_gathers_rows() {
     let Some(gpu) = common::gpu_or_skip("gpu_embedding_gathers_rows") else {
         return;
     };
-    let mut rng = fresh_rng("gpu_embedding");
+    let mut rng = common::fresh_rng("gpu_embedding");
     let (vocab, hidden, m) = (5000, 1024, 9);
     let table = random_bf16(&mut rng, vocab * hidden, 0.05);
     let mut tokens: Vec<i32> = (0..m)
@@ -65,7 +55,7 @@ fn gpu_rmsnorm_matches_reference() {
     let Some(gpu) = common::gpu_or_skip("gpu_rmsnorm_matches_reference") else {
         return;
     };
-    let mut rng = fresh_rng("gpu_rmsnorm");
+    let mut rng = common::fresh_rng("gpu_rmsnorm");
     let (m, hidden, eps) = (13, 1024, 1e-6);
     let x: Vec<f32> = (0..m * hidden)
         .map(|i| rng.centered(0.5 + (i / hidden) as f32))
@@ -253,7 +243,7 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
     else {
         return;
     };
-    let mut rng = fresh_rng("gpu_linear");
+    let mut rng = common::fresh_rng("gpu_linear");
     // Skinny tilings (m <= 64) and the tiled one (m > 64), with the model's k and both n paths.
     for &(m, n, k) in &[
         (1, 1024, 3072),
@@ -303,7 +293,7 @@ fn gpu_qk_norm_rope_writes_q_and_the_paged_cache() {
     let Some(gpu) = common::gpu_or_skip("gpu_qk_norm_rope_writes_q_and_the_paged_cache") else {
         return;
     };
-    let mut rng = fresh_rng("gpu_qk_norm_rope");
+    let mut rng = common::fresh_rng("gpu_qk_norm_rope");
     let config = ModelConfig::qwen3_0_6b();
     let (seqs, max_blocks, m) = (3, 300, 6);
     let tables = shuffled_tables(&mut rng, seqs, max_blocks);
@@ -418,7 +408,7 @@ fn gpu_attention_matches_reference_across_lengths_and_splits() {
     else {
         return;
     };
-    let mut rng = fresh_rng("gpu_attention");
+    let mut rng = common::fresh_rng("gpu_attention");
     let config = ModelConfig::qwen3_0_6b();
     let (seqs, max_blocks) = (4, 80);
     let tables = shuffled_tables(&mut rng, seqs, max_blocks);
@@ -511,23 +501,12 @@ fn gpu_attention_matches_reference_across_lengths_and_splits() {
     }
 }
 
-fn raw(params: &SamplingParams, sequence: u32) -> SamplingParamsRaw {
-    SamplingParamsRaw {
-        temperature: params.temperature,
-        top_k: params.top_k as i32,
-        top_p: params.top_p,
-        seed_lo: params.seed as u32,
-        seed_hi: (params.seed >> 32) as u32,
-        sequence,
-    }
-}
-
 #[test]
 fn gpu_sampler_matches_the_host_sampler() {
     let Some(gpu) = common::gpu_or_skip("gpu_sampler_matches_the_host_sampler") else {
         return;
     };
-    let mut rng = fresh_rng("gpu_sampler");
+    let mut rng = common::fresh_rng("gpu_sampler");
     let vocab = 151_936;
     let settings = [
         SamplingParams::greedy(),
@@ -552,7 +531,7 @@ fn gpu_sampler_matches_the_host_sampler() {
     ];
     let batch = settings.len() + 1; // the last row is padding
     let params: Vec<SamplingParamsRaw> = (0..batch)
-        .map(|b| raw(&settings[b.min(settings.len() - 1)], b as u32))
+        .map(|b| kernels::sampling_params_raw(&settings[b.min(settings.len() - 1)], b as u32))
         .collect();
     let d_params = gpu.upload(&params).unwrap();
     let (mut agree, mut total) = (0, 0);

@@ -79,7 +79,13 @@ impl Engine {
         let decode = StepBuffers::new(&gpu, b, decode_splits(b))?;
         let prefill = StepBuffers::new(&gpu, options.prefill_chunk, 1)?;
         let logits = gpu.alloc(b * config.vocab)?;
-        let params = gpu.upload(&vec![raw_params(&SamplingParams::greedy(), 0); b])?;
+        let params = gpu.upload(&vec![
+            kernels::sampling_params_raw(
+                &SamplingParams::greedy(),
+                0
+            );
+            b
+        ])?;
         let steps = gpu.alloc(b)?;
         let cand_values = gpu.alloc(b * SAMPLE_CHUNKS * MAX_TOP_K)?;
         let cand_ids = gpu.alloc(b * SAMPLE_CHUNKS * MAX_TOP_K)?;
@@ -207,7 +213,7 @@ impl Engine {
         let prompt_logits = self.prefill(slot, prompt, all_logits)?;
         let v = self.forward.config.vocab;
         self.forward.gpu.stream.memcpy_htod(
-            &[raw_params(params, sequence_id)],
+            &[kernels::sampling_params_raw(params, sequence_id)],
             &mut self.params.slice_mut(slot..slot + 1),
         )?;
         self.forward.gpu.stream.memcpy_htod(
@@ -373,17 +379,6 @@ impl Engine {
     /// Logits of the last step [max_batch, vocab].
     pub fn logits(&self) -> &CudaSlice<f32> {
         &self.logits
-    }
-}
-
-fn raw_params(params: &SamplingParams, sequence: u32) -> SamplingParamsRaw {
-    SamplingParamsRaw {
-        temperature: params.temperature,
-        top_k: params.top_k as i32,
-        top_p: params.top_p,
-        seed_lo: params.seed as u32,
-        seed_hi: (params.seed >> 32) as u32,
-        sequence,
     }
 }
 

@@ -10,6 +10,21 @@ use super::ffi;
 
 pub use ffi::bi_sampling_params as SamplingParamsRaw;
 
+/// The device's form of sampling parameters for the request `sequence` (its Philox stream).
+pub fn sampling_params_raw(
+    params: &crate::sampling::SamplingParams,
+    sequence: u32,
+) -> SamplingParamsRaw {
+    SamplingParamsRaw {
+        temperature: params.temperature,
+        top_k: params.top_k as i32,
+        top_p: params.top_p,
+        seed_lo: params.seed as u32,
+        seed_hi: (params.seed >> 32) as u32,
+        sequence,
+    }
+}
+
 /// Model dimensions the layer kernels are compiled for.
 pub const HIDDEN: usize = ffi::BI_HIDDEN as usize;
 pub const Q_HEADS: usize = ffi::BI_Q_HEADS as usize;

@@ -64,6 +64,16 @@ pub fn gpu_or_skip(test: &str) -> Option<Gpu> {
     }
 }
 
+/// Fresh random inputs every run; the seed is printed so that a failure can be replayed.
+pub fn fresh_rng(test: &str) -> braidinfer::rng::SplitMix64 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("{test}: seed {seed}");
+    braidinfer::rng::SplitMix64::new(seed)
+}
+
 /// ||a - b|| / ||b||.
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
