@@ -27,57 +27,24 @@ static_assert(bi::attn::kWarps == kWarps, "the attention core runs on the same 1
 template <int Chunks, int MaxTiles>
 struct Tiles {
     uint4 w[MaxTiles][Chunks];
-    __device__ __forceinline__ uint4 get(int i, int c) const { return w[i][c]; }
 };
-
-// The same tiles staged in shared memory by cp.async, each thread's 16-byte pieces in its own
-// slots (slot (i * Chunks + c) * threads + thread: conflict-free, and no barrier needed since a
-// thread reads only what it copied).
-template <int Chunks, int MaxTiles>
-struct StagedTiles {
-    const uint4 *slots;
-    __device__ __forceinline__ uint4 get(int i, int c) const { return slots[(i * Chunks + c) * kThreads + threadIdx.x]; }
-};
-
-// The address of this thread's piece c of tile i of an [n, k] matrix (tile rows clamped to n).
-__device__ __forceinline__ const bi_bf16 *tile_piece(const bi_bf16 *w, int n, int k, int tile, int c) {
-    const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp, g = lane / 4, q = lane % 4;
-    const int row = min(tile * 8 + g, n - 1);
-    return w + static_cast<size_t>(row) * k + warp * (k / kWarps) + 8 * q + c * bi::kChunk;
-}
-
-template <int Chunks, int MaxTiles>
-__device__ __forceinline__ StagedTiles<Chunks, MaxTiles> stage_tiles(uint4 *slots, const bi_bf16 *w, int n, int k) {
-#pragma unroll
-    for (int i = 0; i < MaxTiles; ++i) {
-        const int tile = blockIdx.x + i * gridDim.x;
-#pragma unroll
-        for (int c = 0; c < Chunks; ++c) {
-            const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(slots + (i * Chunks + c) * kThreads + threadIdx.x));
-            const int bytes = tile * 8 < n ? 16 : 0;  // past the matrix: zeros
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(tile_piece(w, n, k, tile, c)), "r"(bytes));
-        }
-    }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-    return {slots};
-}
-
-__device__ __forceinline__ void wait_staged() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 template <int Chunks, int MaxTiles>
 __device__ __forceinline__ void load_tiles(Tiles<Chunks, MaxTiles> &t, const bi_bf16 *w, int n, int k) {
+    const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp, g = lane / 4, q = lane % 4;
 #pragma unroll
     for (int i = 0; i < MaxTiles; ++i) {
         const int tile = blockIdx.x + i * gridDim.x;
+        const bi_bf16 *row = w + static_cast<size_t>(tile * 8 + g) * k + warp * (k / kWarps) + 8 * q;
 #pragma unroll
         for (int c = 0; c < Chunks; ++c)
-            t.w[i][c] = tile * 8 < n ? bi::load_stream(tile_piece(w, n, k, tile, c)) : make_uint4(0, 0, 0, 0);
+            t.w[i][c] = tile * 8 < n ? bi::load_stream(row + c * bi::kChunk) : make_uint4(0, 0, 0, 0);
     }
 }
 
 // out = act . W^T for this block's tiles, then the epilogue. smem: 16 + MaxTiles * 16 * 128 floats.
-template <int Chunks, int MaxTiles, int Epilogue, bool Norm, class Source>
-__device__ __forceinline__ void product(const Source &t, const bi::Activations &act, float eps, void *out,
+template <int Chunks, int MaxTiles, int Epilogue, bool Norm>
+__device__ __forceinline__ void product(const Tiles<Chunks, MaxTiles> &t, const bi::Activations &act, float eps, void *out,
                                         int n, float *smem) {
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp, g = lane / 4, q = lane % 4;
     float *inv_rms = smem, *reduce = smem + kMaxRows;  // reduce: [MaxTiles][kWarps][4][32]
@@ -93,9 +60,8 @@ __device__ __forceinline__ void product(const Source &t, const bi::Activations &
         for (int c = 0; c < Chunks; ++c) {
             const int col = warp * (act.k / kWarps) + 8 * q + c * bi::kChunk;
             const uint4 lo = bi::a_chunk<Norm>(act, g, col, inv_rms), hi = bi::a_chunk<Norm>(act, g + 8, col, inv_rms);
-            const uint4 wv = t.get(i, c);
-            bi::mma_bf16(acc, lo.x, hi.x, lo.y, hi.y, wv.x, wv.y);
-            bi::mma_bf16(acc, lo.z, hi.z, lo.w, hi.w, wv.z, wv.w);
+            bi::mma_bf16(acc, lo.x, hi.x, lo.y, hi.y, t.w[i][c].x, t.w[i][c].y);
+            bi::mma_bf16(acc, lo.z, hi.z, lo.w, hi.w, t.w[i][c].z, t.w[i][c].w);
         }
 #pragma unroll
         for (int e = 0; e < 4; ++e) reduce[((i * kWarps + warp) * 4 + e) * bi::kWarp + lane] = acc[e];
@@ -210,51 +176,42 @@ constexpr int kQkvTiles = 5, kGateUpTiles = 7, kNarrowTiles = 2;
 static_assert(BI_FUSED_DECODE_MIN_SMS * kQkvTiles * 8 >= kQkvRows && BI_FUSED_DECODE_MIN_SMS * kNarrowTiles * 8 >= BI_HIDDEN &&
                   BI_FUSED_DECODE_MIN_SMS * kGateUpTiles * 8 >= 2 * BI_INTERMEDIATE,
               "every block must own at most the tiles its registers hold");
-constexpr int kQkvChunks = BI_HIDDEN / kWarps / bi::kChunk, kOChunks = kQWidth / kWarps / bi::kChunk;
-constexpr int kDownChunks = BI_INTERMEDIATE / kWarps / bi::kChunk;
-// Shared memory: a scratch region (the products' cross-warp sums, the attention core), then the
-// gate/up tiles, staged from the kernel's start so that the largest matrix streams while the
-// first phases run.
-constexpr int kScratchFloats = kMaxRows + kGateUpTiles * kWarps * 4 * bi::kWarp > bi::attn::kSmemFloats
-                                   ? kMaxRows + kGateUpTiles * kWarps * 4 * bi::kWarp
-                                   : bi::attn::kSmemFloats;
-constexpr size_t kGateUpStageBytes = sizeof(uint4) * kGateUpTiles * kQkvChunks * kThreads;
-constexpr size_t kSmemBytes = kScratchFloats * sizeof(float) + kGateUpStageBytes;
-static_assert(kScratchFloats % 4 == 0, "the staged tiles must start 16-byte aligned");
-static_assert(kSmemBytes <= 227 * 1024, "shared memory of one Hopper block");
+constexpr int kSmemFloats = kMaxRows + kGateUpTiles * kWarps * 4 * bi::kWarp > bi::attn::kSmemFloats
+                                ? kMaxRows + kGateUpTiles * kWarps * 4 * bi::kWarp
+                                : bi::attn::kSmemFloats;
 
 __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, bi_layer_state st) {
-    extern __shared__ __align__(16) float smem[];
+    extern __shared__ float smem[];
     bi::allow_next_kernel();
-    const auto gate_up_w = stage_tiles<kQkvChunks, kGateUpTiles>(reinterpret_cast<uint4 *>(smem + kScratchFloats), w.gate_up,
-                                                                2 * BI_INTERMEDIATE, BI_HIDDEN);
     bi::prefetch_l2_share(w.o, static_cast<size_t>(BI_HIDDEN) * kQWidth * sizeof(bi_bf16));
+    bi::prefetch_l2_share(w.gate_up, static_cast<size_t>(2 * BI_INTERMEDIATE) * BI_HIDDEN * sizeof(bi_bf16));
     bi::prefetch_l2_share(w.down, static_cast<size_t>(BI_HIDDEN) * BI_INTERMEDIATE * sizeof(bi_bf16));
     bi::prefetch_l2_share(w.next_qkv, w.next_qkv_bytes);
 
-    Tiles<kQkvChunks, kQkvTiles> qkv_w;
+    Tiles<BI_HIDDEN / kWarps / bi::kChunk, kQkvTiles> qkv_w;
     load_tiles(qkv_w, w.qkv, kQkvRows, BI_HIDDEN);
     bi::wait_for_previous_kernel();
-    product<kQkvChunks, kQkvTiles, BI_EPILOGUE_STORE_F32, true>(
+    product<BI_HIDDEN / kWarps / bi::kChunk, kQkvTiles, BI_EPILOGUE_STORE_F32, true>(
         qkv_w, {st.x, w.input_norm, st.m, BI_HIDDEN}, st.eps, st.qkv, kQkvRows, smem);
 
-    Tiles<kOChunks, kNarrowTiles> o_w;
+    Tiles<kQWidth / kWarps / bi::kChunk, kNarrowTiles> o_w;
     load_tiles(o_w, w.o, BI_HIDDEN, kQWidth);
     grid_barrier(st.arrivals);
     attention_phase(w, st, smem);
     grid_barrier(st.arrivals);
-    product<kOChunks, kNarrowTiles, BI_EPILOGUE_ADD_RESIDUAL, false>(
+    product<kQWidth / kWarps / bi::kChunk, kNarrowTiles, BI_EPILOGUE_ADD_RESIDUAL, false>(
         o_w, {st.attn, nullptr, st.m, kQWidth}, st.eps, st.x, BI_HIDDEN, smem);
 
-    wait_staged();
+    Tiles<BI_HIDDEN / kWarps / bi::kChunk, kGateUpTiles> gate_up_w;
+    load_tiles(gate_up_w, w.gate_up, 2 * BI_INTERMEDIATE, BI_HIDDEN);
     grid_barrier(st.arrivals);
-    product<kQkvChunks, kGateUpTiles, BI_EPILOGUE_SWIGLU, true>(
+    product<BI_HIDDEN / kWarps / bi::kChunk, kGateUpTiles, BI_EPILOGUE_SWIGLU, true>(
         gate_up_w, {st.x, w.post_norm, st.m, BI_HIDDEN}, st.eps, st.act, 2 * BI_INTERMEDIATE, smem);
 
-    Tiles<kDownChunks, kNarrowTiles> down_w;
+    Tiles<BI_INTERMEDIATE / kWarps / bi::kChunk, kNarrowTiles> down_w;
     load_tiles(down_w, w.down, BI_HIDDEN, BI_INTERMEDIATE);
     grid_barrier(st.arrivals);
-    product<kDownChunks, kNarrowTiles, BI_EPILOGUE_ADD_RESIDUAL, false>(
+    product<BI_INTERMEDIATE / kWarps / bi::kChunk, kNarrowTiles, BI_EPILOGUE_ADD_RESIDUAL, false>(
         down_w, {st.act, nullptr, st.m, BI_INTERMEDIATE}, st.eps, st.x, BI_HIDDEN, smem);
 }
 
@@ -269,7 +226,8 @@ extern "C" cudaError_t bi_decode_layer(const bi_layer_weights *weights, const bi
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (e != cudaSuccess) return e;
     if (sms < BI_FUSED_DECODE_MIN_SMS) return cudaErrorInvalidConfiguration;
-    e = cudaFuncSetAttribute(layer_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+    constexpr size_t smem = kSmemFloats * sizeof(float);
+    e = cudaFuncSetAttribute(layer_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
-    return bi::launch(layer_kernel, dim3(sms), dim3(kThreads), kSmemBytes, stream, *weights, *state);
+    return bi::launch(layer_kernel, dim3(sms), dim3(kThreads), smem, stream, *weights, *state);
 }
