@@ -7,11 +7,20 @@
 // Weights never depend on activations: every block loads its rows of the next product into
 // registers before it waits at the barrier, so DRAM streams while the grid synchronizes, and
 // at the start it pulls the layer's later matrices and the next layer's qkv into L2 (bulk
-// prefetch). Between layers, programmatic dependent launch lets the next layer start its loads
-// while this one drains.
+// prefetch). Between layers, programmatic dependent launch hides the next launch's latency (its
+// blocks cannot start early: 512 threads of 128 registers fill an SM).
 //
-// Measured on an H200 (benches/decode.rs, batch 1, context 1024): the same step as separate
-// kernels (6 per layer, 172 graph nodes) ran at 888 tok/s; see the README for this kernel's.
+// Measured on an H200 (benches/decode.rs, batch 1, context 1024, 2026-11-22):
+//   the step as separate kernels (6 per layer, 172 graph nodes, PDL)            888 tok/s
+//   this kernel, barrier = count + generation words                              878
+//   this kernel, barrier = one atomic on a growing 64-bit counter (shipped)      940
+//   timing-only builds of the two-word-barrier version: no barriers (wrong results) 1,152; no
+//   attention phase 1,186. Barriers (~0.26 ms/step) and the attention phase's chain of dependent memory
+//   round trips (~0.21 ms/step) are what stands between this kernel and the bandwidth.
+//   Tried and reverted: all 28 layers in one launch (5 graph nodes): 860, register spills and
+//   a grid barrier costs more than a PDL kernel boundary; gate/up tiles staged in shared
+//   memory by cp.async from the kernel's start: 923, they slow the qkv phase on the critical
+//   path; L2 prefetch of the next kernel's weights in the separate-kernel path: no change.
 #include "attention.cuh"
 #include "matvec.cuh"
 
