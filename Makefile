@@ -15,7 +15,9 @@ build: setup
 	$(CARGO) build --release --bins
 
 test: setup
-	$(CARGO) test --release -- --show-output
+	@mkdir -p target
+	set -o pipefail; $(CARGO) test --release -- --show-output 2>&1 | tee target/test-output.log
+	@bash scripts/test-summary.sh target/test-output.log
 
 bundle: setup
 	@bash scripts/bundle.sh "$(SHARED_MODEL)"
