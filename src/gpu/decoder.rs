@@ -47,10 +47,6 @@ impl GpuDecoder {
         })
     }
 
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
     /// Enqueues the copy of the token the last launch produced.
     fn land(&mut self) -> Result<()> {
         let slot = self.launched % 2;

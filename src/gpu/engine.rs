@@ -142,21 +142,9 @@ impl Engine {
         &self.forward.gpu
     }
 
-    pub fn config(&self) -> &ModelConfig {
-        &self.forward.config
-    }
-
     /// Most positions (prompt + generated) one sequence can hold.
     pub fn context_limit(&self) -> usize {
         self.context_limit
-    }
-
-    pub fn max_batch(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn kv_cache_bytes(&self) -> usize {
-        self.cache.bytes()
     }
 
     /// Weight bytes one decode step streams.

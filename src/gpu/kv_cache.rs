@@ -20,7 +20,6 @@ pub fn bytes_per_position(layers: usize) -> usize {
 pub struct KvCache {
     k: CudaSlice<u16>, // [layers, blocks, 8, 16, 128]
     v: CudaSlice<u16>,
-    layers: usize,
     blocks: usize,
     free: Vec<u32>,
 }
@@ -43,7 +42,6 @@ impl KvCache {
         Ok(Self {
             k,
             v,
-            layers,
             blocks,
             free: (0..blocks as u32).rev().collect(),
         })
@@ -51,14 +49,6 @@ impl KvCache {
 
     pub fn blocks(&self) -> usize {
         self.blocks
-    }
-
-    pub fn free_blocks(&self) -> usize {
-        self.free.len()
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.blocks * BLOCK_TOKENS * bytes_per_position(self.layers)
     }
 
     /// Blocks for `positions` token positions, or an error saying what does not fit.
