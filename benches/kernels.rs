@@ -123,7 +123,6 @@ fn main() -> Result<()> {
                 &mut scratch,
                 (1, QKV_WIDTH, HIDDEN),
                 NormEpilogue::Store,
-                None,
             )
         })?,
     ));
@@ -167,7 +166,6 @@ fn main() -> Result<()> {
                 &v,
                 &rows,
                 splits,
-                None,
             )
         })?,
     ));
@@ -182,7 +180,6 @@ fn main() -> Result<()> {
                 &o[i],
                 (1, HIDDEN, Q_WIDTH),
                 Epilogue::AddResidual,
-                None,
             )
         })?,
     ));
@@ -200,7 +197,6 @@ fn main() -> Result<()> {
                 &mut scratch,
                 (1, 2 * INTERMEDIATE, HIDDEN),
                 NormEpilogue::SwiGlu,
-                None,
             )
         })?,
     ));
@@ -215,7 +211,6 @@ fn main() -> Result<()> {
                 &down[i],
                 (1, HIDDEN, INTERMEDIATE),
                 Epilogue::AddResidual,
-                None,
             )
         })?,
     ));
@@ -230,7 +225,6 @@ fn main() -> Result<()> {
             &mut scratch,
             (1, 151_936, HIDDEN),
             NormEpilogue::Store,
-            None,
         )
     })?;
 

@@ -18,12 +18,10 @@ using namespace bi::attn;
 // grid (kv heads, rows, splits); 16 warps.
 __global__ void __launch_bounds__(kWarps * bi::kWarp)
     split_kernel(Args args, const bi_bf16 *__restrict__ q, const int32_t *__restrict__ positions,
-                 const int32_t *__restrict__ row_seq, const int32_t *__restrict__ block_tables, int max_blocks,
-                 const void *prefetch, size_t prefetch_bytes) {
+                 const int32_t *__restrict__ row_seq, const int32_t *__restrict__ block_tables, int max_blocks) {
     const int kv_head = blockIdx.x, row = blockIdx.y, split = blockIdx.z;
     const int lane = threadIdx.x % bi::kWarp;
     bi::allow_next_kernel();
-    bi::prefetch_l2_share(prefetch, prefetch_bytes);
     bi::wait_for_previous_kernel();
     const int pos = positions[row];
     if (pos < 0) {  // padding row: zeros
@@ -50,9 +48,9 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
 extern "C" cudaError_t bi_attention(bi_bf16 *out, float *partials, int32_t *counters, const bi_bf16 *q,
                                     const bi_bf16 *k_cache, const bi_bf16 *v_cache, const int32_t *positions,
                                     const int32_t *row_seq, const int32_t *block_tables, int m, int max_blocks,
-                                    int splits, const void *prefetch, size_t prefetch_bytes, cudaStream_t stream) {
+                                    int splits, cudaStream_t stream) {
     if (m <= 0 || max_blocks <= 0 || splits <= 0 || splits > BI_MAX_SPLITS) return cudaErrorInvalidValue;
     const Args args{out, partials, counters, k_cache, v_cache};
     return bi::launch(split_kernel, dim3(BI_KV_HEADS, m, splits), dim3(kWarps * bi::kWarp), 0, stream, args, q, positions,
-                      row_seq, block_tables, max_blocks, prefetch, prefetch_bytes);
+                      row_seq, block_tables, max_blocks);
 }

@@ -51,22 +51,17 @@ typedef enum {
     BI_EPILOGUE_SWIGLU = 2,       /* out bf16 [m, n/2]: silu(acc[:, 2i]) * acc[:, 2i+1] (w rows interleave gate/up) */
 } bi_epilogue;
 
-/* Kernels that stream weights or wait on memory take `prefetch`, `prefetch_bytes`: the weights
- * of a kernel that comes after them (NULL, 0: none), which they pull into L2 while they run, so
- * that DRAM keeps streaming across kernel boundaries. */
-
 /* out = a . w^T on tensor cores with f32 accumulation, then the epilogue.
  * a: [m, k] bf16; w: [n, k] bf16. k must be a multiple of 512 (of 128 when n > 8192), n of 16
  * (of 128 when m > 64). */
 cudaError_t bi_linear(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, int n, int k,
-                      bi_epilogue epilogue, const void *prefetch, size_t prefetch_bytes,
-                      cudaStream_t stream);
+                      bi_epilogue epilogue, cudaStream_t stream);
 
 /* The same with RMSNorm fused in front: a = bf16(x / rms(x) * norm), x: [m, k] f32 (the
  * residual stream), norm: [k] bf16. scratch: [m, k] bf16, used when m > 64. */
 cudaError_t bi_norm_linear(void *out, const float *x, const bi_bf16 *norm, float eps, const bi_bf16 *w,
                            bi_bf16 *scratch, int m, int n, int k, bi_epilogue epilogue,
-                           const void *prefetch, size_t prefetch_bytes, cudaStream_t stream);
+                           cudaStream_t stream);
 
 /* Per row r (a token at position positions[r] of sequence row_seq[r]; rows with a negative
  * position are padding and are skipped):
@@ -91,7 +86,7 @@ cudaError_t bi_qk_norm_rope_cache(bi_bf16 *q, bi_bf16 *k_cache, bi_bf16 *v_cache
 cudaError_t bi_attention(bi_bf16 *out, float *partials, int32_t *counters, const bi_bf16 *q, const bi_bf16 *k_cache,
                          const bi_bf16 *v_cache, const int32_t *positions, const int32_t *row_seq,
                          const int32_t *block_tables, int m, int max_blocks, int splits,
-                         const void *prefetch, size_t prefetch_bytes, cudaStream_t stream);
+                         cudaStream_t stream);
 
 /* One decoder layer's weights for bi_decode_layer (Qwen3-0.6B shapes, bf16). */
 typedef struct {
@@ -105,7 +100,7 @@ typedef struct {
     const bi_bf16 *down;       /* [1024, 3072] */
     bi_bf16 *k_cache;          /* [blocks, 8, 16, 128]: this layer's */
     bi_bf16 *v_cache;
-    const void *next_qkv;      /* the next layer's qkv, pulled into L2 (NULL, 0: none) */
+    const void *next_qkv;      /* the next layer's qkv, pulled into L2 meanwhile (NULL, 0: none) */
     size_t next_qkv_bytes;
 } bi_layer_weights;
 

@@ -59,12 +59,12 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 #endif
 }
 
-// Pulls this block's share of `bytes` at `next` (the next kernel's weights) into L2 with one bulk
-// prefetch, so that DRAM keeps streaming through kernel boundaries and the next kernel's
-// weight loads hit L2. Weights never depend on earlier kernels: call it before the wait.
-__device__ __forceinline__ void prefetch_l2_share(const void *next, size_t bytes) {
+// Pulls this block's share of `bytes` at `weights` (matrices a later phase or kernel reads) into
+// L2 with one bulk prefetch, so that DRAM keeps streaming while the grid synchronizes. Weights
+// never depend on earlier kernels: call it before the wait.
+__device__ __forceinline__ void prefetch_l2_share(const void *weights, size_t bytes) {
 #if __CUDA_ARCH__ >= 900
-    if (next == nullptr || threadIdx.x != 0) return;
+    if (weights == nullptr || threadIdx.x != 0) return;
     const size_t blocks = static_cast<size_t>(gridDim.x) * gridDim.y * gridDim.z;
     const size_t block = blockIdx.x + static_cast<size_t>(gridDim.x) * (blockIdx.y + static_cast<size_t>(gridDim.y) * blockIdx.z);
     const size_t share = (bytes / blocks + 15) / 16 * 16;  // bulk prefetch sizes are multiples of 16
@@ -72,7 +72,7 @@ __device__ __forceinline__ void prefetch_l2_share(const void *next, size_t bytes
     if (begin >= bytes) return;
     const size_t size = (bytes - begin < share ? (bytes - begin + 15) / 16 * 16 : share);
     if (size == 0) return;
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(static_cast<const char *>(next) + begin),
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(static_cast<const char *>(weights) + begin),
                  "r"(static_cast<uint32_t>(size))
                  : "memory");
 #endif

@@ -31,8 +31,6 @@ struct SkinnyArgs {
     const bi_bf16 *w;          // [n, k]
     int m, n, k;
     float eps;
-    const void *prefetch;      // the next kernel's weights, pulled into L2 meanwhile
-    size_t prefetch_bytes;
 
     __device__ bi::Activations activations() const { return {a, norm, m, k}; }
 };
@@ -48,7 +46,6 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
     const int k_begin = warp * k_warp + 8 * q;
 
     bi::allow_next_kernel();
-    bi::prefetch_l2_share(args.prefetch, args.prefetch_bytes);
     __shared__ float inv_rms[MT * 16];
     float acc[MT][TN][4] = {};
     const bi_bf16 *w_rows[TN];
@@ -270,15 +267,12 @@ cudaError_t dispatch(const SkinnyArgs &args, bi_epilogue epilogue, bi_bf16 *scra
 }  // namespace
 
 extern "C" cudaError_t bi_linear(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, int n, int k,
-                                 bi_epilogue epilogue, const void *prefetch, size_t prefetch_bytes,
-                                 cudaStream_t stream) {
-    return dispatch<false>(SkinnyArgs{out, a, nullptr, w, m, n, k, 0.0f, prefetch, prefetch_bytes}, epilogue, nullptr,
-                           stream);
+                                 bi_epilogue epilogue, cudaStream_t stream) {
+    return dispatch<false>(SkinnyArgs{out, a, nullptr, w, m, n, k, 0.0f}, epilogue, nullptr, stream);
 }
 
 extern "C" cudaError_t bi_norm_linear(void *out, const float *x, const bi_bf16 *norm, float eps, const bi_bf16 *w,
                                       bi_bf16 *scratch, int m, int n, int k, bi_epilogue epilogue,
-                                      const void *prefetch, size_t prefetch_bytes, cudaStream_t stream) {
-    return dispatch<true>(SkinnyArgs{out, x, norm, w, m, n, k, eps, prefetch, prefetch_bytes}, epilogue, scratch,
-                          stream);
+                                      cudaStream_t stream) {
+    return dispatch<true>(SkinnyArgs{out, x, norm, w, m, n, k, eps}, epilogue, scratch, stream);
 }

@@ -121,16 +121,7 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: usize
 
     // Store: f32 accumulation of exact bf16 products; only the summation order differs.
     let mut d_out = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
-    kernels::linear(
-        gpu,
-        &mut d_out,
-        &d_a,
-        &d_w,
-        (m, n, k),
-        Epilogue::Store,
-        None,
-    )
-    .unwrap();
+    kernels::linear(gpu, &mut d_out, &d_a, &d_w, (m, n, k), Epilogue::Store).unwrap();
     let out = gpu.download(&d_out).unwrap();
     common::assert_all_finite(&out, "linear store");
     let err = common::rel_l2(&out, &expected);
@@ -142,16 +133,7 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: usize
     // AddResidual: adds onto what is there.
     let base: Vec<f32> = (0..m * n).map(|_| rng.centered(1.0)).collect();
     let mut d_x = gpu.upload(&base).unwrap();
-    kernels::linear(
-        gpu,
-        &mut d_x,
-        &d_a,
-        &d_w,
-        (m, n, k),
-        Epilogue::AddResidual,
-        None,
-    )
-    .unwrap();
+    kernels::linear(gpu, &mut d_x, &d_a, &d_w, (m, n, k), Epilogue::AddResidual).unwrap();
     let x = gpu.download(&d_x).unwrap();
     let want: Vec<f32> = base.iter().zip(&expected).map(|(b, e)| b + e).collect();
     let err = common::rel_l2(&x, &want);
@@ -193,7 +175,6 @@ fn run_norm_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: 
         &mut scratch,
         (m, n, k),
         kernels::NormEpilogue::Store,
-        None,
     )
     .unwrap();
     let out = gpu.download(&d_out).unwrap();
@@ -218,7 +199,6 @@ fn run_norm_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: 
         &mut scratch,
         (m, n, k),
         kernels::NormEpilogue::SwiGlu,
-        None,
     )
     .unwrap();
     let act = bits_to_f32(&gpu.download(&d_act).unwrap());
@@ -272,7 +252,6 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
         &gpu.alloc::<u16>(16 * 100).unwrap(),
         (1, 16, 100),
         Epilogue::Store,
-        None,
     );
     assert!(refused.is_err(), "k = 100 must be refused");
 }
@@ -455,7 +434,6 @@ fn gpu_attention_matches_reference_across_lengths_and_splits() {
             &d_v,
             &rows,
             splits,
-            None,
         )
         .unwrap();
         let out = bits_to_f32(&gpu.download(&d_out).unwrap());

@@ -136,8 +136,6 @@ impl Forward {
         anyhow::ensure!(m <= bufs.rows, "{m} rows for buffers of {}", bufs.rows);
         kernels::embedding(gpu, &mut bufs.x, &w.embed, &bufs.tokens, m, HIDDEN, c.vocab)?;
         for (i, layer) in w.layers.iter().enumerate() {
-            // Each weight-streaming kernel pulls a later kernel's weights into L2 as it runs.
-            let next_qkv = w.layers.get(i + 1).map(|next| &next.qkv);
             let rows = Rows {
                 positions: &bufs.positions,
                 row_seq: &bufs.row_seq,
@@ -155,7 +153,6 @@ impl Forward {
                 &mut bufs.h,
                 (m, QKV_WIDTH, HIDDEN),
                 NormEpilogue::Store,
-                Some(&layer.o),
             )?;
             {
                 let (mut k, mut v) = cache.layer_mut(i);
@@ -186,7 +183,6 @@ impl Forward {
                 &v,
                 &rows,
                 bufs.splits,
-                Some(&layer.gate_up),
             )?;
             kernels::linear(
                 gpu,
@@ -195,7 +191,6 @@ impl Forward {
                 &layer.o,
                 (m, HIDDEN, Q_WIDTH),
                 Epilogue::AddResidual,
-                Some(&layer.down),
             )?;
             kernels::norm_linear(
                 gpu,
@@ -207,7 +202,6 @@ impl Forward {
                 &mut bufs.h,
                 (m, 2 * INTERMEDIATE, HIDDEN),
                 NormEpilogue::SwiGlu,
-                next_qkv,
             )?;
             kernels::linear(
                 gpu,
@@ -216,7 +210,6 @@ impl Forward {
                 &layer.down,
                 (m, HIDDEN, INTERMEDIATE),
                 Epilogue::AddResidual,
-                None,
             )?;
         }
         Ok(())
@@ -242,7 +235,6 @@ impl Forward {
             &mut bufs.h,
             (m, c.vocab, HIDDEN),
             NormEpilogue::Store,
-            None,
         )
     }
 }

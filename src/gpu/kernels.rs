@@ -147,7 +147,6 @@ pub fn linear(
     w: &impl DevicePtr<u16>,
     (m, n, k): (usize, usize, usize),
     epilogue: Epilogue,
-    next: Prefetch<'_>,
 ) -> Result<()> {
     fits(out, m * n, "linear out")?;
     fits(a, m * k, "linear a")?;
@@ -157,7 +156,6 @@ pub fn linear(
         Epilogue::AddResidual => ffi::bi_epilogue_BI_EPILOGUE_ADD_RESIDUAL,
     };
     let (mi, ni, ki) = (dim(m, "m")?, dim(n, "n")?, dim(k, "k")?);
-    let (prefetch, prefetch_bytes) = prefetch_arg(gpu, next);
     // SAFETY: every buffer was checked against m, n and k above; pointers are live device memory.
     let code = unsafe {
         ffi::bi_linear(
@@ -168,8 +166,6 @@ pub fn linear(
             ni,
             ki,
             kind,
-            prefetch,
-            prefetch_bytes,
             gpu.raw_stream(),
         )
     };
@@ -189,7 +185,6 @@ pub fn norm_linear<O>(
     scratch: &mut impl DevicePtrMut<u16>,
     (m, n, k): (usize, usize, usize),
     epilogue: NormEpilogue,
-    next: Prefetch<'_>,
 ) -> Result<()> {
     let out_len = match epilogue {
         NormEpilogue::Store => m * n,
@@ -205,7 +200,6 @@ pub fn norm_linear<O>(
         NormEpilogue::SwiGlu => ffi::bi_epilogue_BI_EPILOGUE_SWIGLU,
     };
     let (mi, ni, ki) = (dim(m, "m")?, dim(n, "n")?, dim(k, "k")?);
-    let (prefetch, prefetch_bytes) = prefetch_arg(gpu, next);
     // SAFETY: every buffer was checked against m, n and k above; pointers are live device memory.
     let code = unsafe {
         ffi::bi_norm_linear(
@@ -219,8 +213,6 @@ pub fn norm_linear<O>(
             ni,
             ki,
             kind,
-            prefetch,
-            prefetch_bytes,
             gpu.raw_stream(),
         )
     };
@@ -318,7 +310,6 @@ pub fn attention<P: DevicePtr<i32>>(
     v_cache: &impl DevicePtr<u16>,
     rows: &Rows<'_, P>,
     splits: usize,
-    next: Prefetch<'_>,
 ) -> Result<()> {
     rows.check()?;
     fits(out, rows.m * Q_WIDTH, "attention out")?;
@@ -334,7 +325,6 @@ pub fn attention<P: DevicePtr<i32>>(
         dim(rows.max_blocks, "max_blocks")?,
         dim(splits, "splits")?,
     );
-    let (prefetch, prefetch_bytes) = prefetch_arg(gpu, next);
     // SAFETY: lengths checked above; block ids come from the host allocator; pointers are live.
     let code = unsafe {
         ffi::bi_attention(
@@ -350,8 +340,6 @@ pub fn attention<P: DevicePtr<i32>>(
             m,
             max_blocks,
             s,
-            prefetch,
-            prefetch_bytes,
             gpu.raw_stream(),
         )
     };
