@@ -67,6 +67,37 @@ pub struct Forward {
 }
 
 impl Forward {
+    /// The embedding of the first `m` rows' tokens into the residual stream `bufs.x`.
+    fn embed(&self, bufs: &mut StepBuffers, m: usize) -> Result<()> {
+        anyhow::ensure!(m <= bufs.rows, "{m} rows for buffers of {}", bufs.rows);
+        let (c, w) = (&self.config, &self.weights);
+        kernels::embedding(
+            &self.gpu,
+            &mut bufs.x,
+            &w.embed,
+            &bufs.tokens,
+            m,
+            HIDDEN,
+            c.vocab,
+        )
+    }
+
+    /// The attention-side bookkeeping of `m` rows.
+    fn rows<'a>(
+        &'a self,
+        positions: &'a CudaSlice<i32>,
+        row_seq: &'a CudaSlice<i32>,
+        m: usize,
+    ) -> Rows<'a, CudaSlice<i32>> {
+        Rows {
+            positions,
+            row_seq,
+            block_tables: &self.block_tables,
+            max_blocks: self.max_blocks,
+            m,
+        }
+    }
+
     /// A decode step's embedding and layers for `m` rows (one per sequence): one fused kernel
     /// per layer for up to 16 rows, the separate kernels of `layers` beyond (and on GPUs with
     /// too few SMs for the fused kernel's grid).
@@ -80,16 +111,9 @@ impl Forward {
             return self.layers(bufs, cache, m);
         }
         let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
-        anyhow::ensure!(m <= bufs.rows, "{m} rows for buffers of {}", bufs.rows);
-        kernels::embedding(gpu, &mut bufs.x, &w.embed, &bufs.tokens, m, HIDDEN, c.vocab)?;
+        self.embed(bufs, m)?;
         for (i, layer) in w.layers.iter().enumerate() {
-            let rows = Rows {
-                positions: &bufs.positions,
-                row_seq: &bufs.row_seq,
-                block_tables: &self.block_tables,
-                max_blocks: self.max_blocks,
-                m,
-            };
+            let rows = self.rows(&bufs.positions, &bufs.row_seq, m);
             let weights = DecodeLayer {
                 input_norm: &layer.input_norm,
                 qkv: &layer.qkv,
@@ -133,16 +157,9 @@ impl Forward {
     /// rows go into `cache`, and `bufs.x` ends holding the final residual stream.
     pub fn layers(&self, bufs: &mut StepBuffers, cache: &mut KvCache, m: usize) -> Result<()> {
         let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
-        anyhow::ensure!(m <= bufs.rows, "{m} rows for buffers of {}", bufs.rows);
-        kernels::embedding(gpu, &mut bufs.x, &w.embed, &bufs.tokens, m, HIDDEN, c.vocab)?;
+        self.embed(bufs, m)?;
         for (i, layer) in w.layers.iter().enumerate() {
-            let rows = Rows {
-                positions: &bufs.positions,
-                row_seq: &bufs.row_seq,
-                block_tables: &self.block_tables,
-                max_blocks: self.max_blocks,
-                m,
-            };
+            let rows = self.rows(&bufs.positions, &bufs.row_seq, m);
             kernels::norm_linear(
                 gpu,
                 &mut bufs.qkv,
