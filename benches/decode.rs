@@ -3,7 +3,9 @@
 //! For each context: median step time over graph replays (CUDA events; the position is reset
 //! before each replay so the context stays fixed), tok/s, bytes moved per step (weights + KV
 //! read + KV written), achieved bandwidth and its fraction of the device-to-device copy
-//! bandwidth measured in the same run. Then the prefill rate of a 2,000-token prompt.
+//! bandwidth measured in the same run. Then what each phase of the fused layer kernel costs
+//! (the step timed with that phase left out; the difference) and the prefill rate of a
+//! 2,000-token prompt.
 //!
 //!     cargo bench --bench decode -- [--contexts 128,1024,4096] [--runs 200] [--json PATH]
 
@@ -14,6 +16,7 @@ use clap::Parser;
 
 use braidinfer::bench::{copy_bandwidth, median, Timer};
 use braidinfer::config::ModelConfig;
+use braidinfer::gpu::kernels::{self, LayerKnobs};
 use braidinfer::gpu::kv_cache::bytes_per_position;
 use braidinfer::gpu::{Engine, EngineOptions, Gpu};
 use braidinfer::rng::SplitMix64;
@@ -28,6 +31,16 @@ struct Args {
     runs: usize,
     #[arg(long, default_value_t = 2000)]
     prefill_tokens: usize,
+    /// Context of the per-phase breakdown (0: none).
+    #[arg(long, default_value_t = 1024)]
+    breakdown_context: usize,
+    /// Also time the step with these weight bytes in flight per block (KiB; tuning).
+    #[arg(long, value_delimiter = ',')]
+    copy_windows: Vec<u32>,
+    /// Also record the fused layer launches' per-block timelines at the breakdown context,
+    /// print a summary and write them here (JSON: [layers, SMs, events] in ns).
+    #[arg(long)]
+    trace: Option<std::path::PathBuf>,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// Ignored: cargo bench passes it.
@@ -98,6 +111,66 @@ fn run(args: Args) -> Result<()> {
         }));
     }
 
+    // Phase breakdown: the same step with one phase of every fused layer left out (timing only:
+    // the results are wrong), at the breakdown context.
+    let mut breakdown = Vec::new();
+    if args.breakdown_context > 0 {
+        let context = args.breakdown_context;
+        engine.start_sequence(0, &prompt(context), 8, &SamplingParams::greedy(), 0, false)?;
+        let position = [context as i32];
+        for (name, mask) in [
+            ("full step", 0),
+            ("qkv product", kernels::SKIP_QKV),
+            ("attention", kernels::SKIP_ATTENTION),
+            ("o product", kernels::SKIP_O),
+            ("gate/up product", kernels::SKIP_GATE_UP),
+            ("down product", kernels::SKIP_DOWN),
+            ("grid barriers", kernels::SKIP_BARRIERS),
+            ("all of the above", u32::MAX),
+        ] {
+            engine.set_layer_knobs(LayerKnobs {
+                skip_phases: mask,
+                ..Default::default()
+            })?;
+            let timer = Timer::new(engine.gpu())?;
+            let ms = timer.median_ms(
+                20,
+                args.runs,
+                &mut engine,
+                |e| e.set_positions(&position),
+                |e| e.step(),
+            )?;
+            breakdown.push((name, ms));
+        }
+        for &window in &args.copy_windows {
+            engine.set_layer_knobs(LayerKnobs {
+                copy_window: window * 1024,
+                ..Default::default()
+            })?;
+            let timer = Timer::new(engine.gpu())?;
+            let ms = timer.median_ms(
+                20,
+                args.runs,
+                &mut engine,
+                |e| e.set_positions(&position),
+                |e| e.step(),
+            )?;
+            println!("copy window {window:>4} KiB per block: {ms:.4} ms/step");
+        }
+        engine.set_layer_knobs(LayerKnobs::default())?;
+        if let Some(path) = &args.trace {
+            engine.trace_layers()?;
+            for _ in 0..5 {
+                engine.set_positions(&position)?;
+                engine.step()?;
+            }
+            engine.gpu().synchronize()?;
+            let trace = engine.trace()?;
+            print_timeline(&trace, config.layers);
+            std::fs::write(path, serde_json::to_string(&trace)?)?;
+        }
+    }
+
     let prefill_prompt = prompt(args.prefill_tokens);
     let mut prefill_times = Vec::new();
     for _ in 0..5 {
@@ -126,6 +199,20 @@ fn run(args: Args) -> Result<()> {
             100.0 * r["fraction_of_copy"].as_f64().unwrap()
         );
     }
+    if let Some(&(_, full)) = breakdown.first() {
+        println!(
+            "phase breakdown at context {} (step without the phase; cost = difference):",
+            args.breakdown_context
+        );
+        for (name, ms) in &breakdown[1..] {
+            println!(
+                "  {name:<18} {:>8.4} ms without, costs {:>7.4} ms/step ({:>5.2} us/layer)",
+                ms,
+                full - ms,
+                (full - ms) * 1e3 / config.layers as f64
+            );
+        }
+    }
     println!(
         "prefill: {} tokens in {:.1} ms = {:.0} tok/s (median of 5, wall clock)",
         args.prefill_tokens,
@@ -136,9 +223,64 @@ fn run(args: Args) -> Result<()> {
         let report = serde_json::json!({
             "device": device, "copy_bandwidth_gb_s": copy / 1e9, "graph_kernel_nodes": nodes,
             "weight_bytes_per_step": weight_bytes, "decode": rows,
+            "phase_breakdown": {"context": args.breakdown_context, "step_ms_without": breakdown.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>()},
             "prefill": {"tokens": args.prefill_tokens, "seconds": prefill_s, "tokens_per_s": args.prefill_tokens as f64 / prefill_s},
         });
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// Per event of a fused layer launch: when blocks reach it, in us after the layer's first block
+/// started (median over layers 1.. of the median and the last block), and the layer period.
+fn print_timeline(trace: &[u64], layers: usize) {
+    const EVENTS: [&str; kernels::TRACE_EVENTS] = [
+        "start",
+        "previous done",
+        "qkv",
+        "barrier",
+        "attention",
+        "barrier",
+        "o",
+        "barrier",
+        "gate/up",
+        "barrier",
+        "down",
+    ];
+    let per_layer = trace.len() / layers;
+    let blocks = per_layer / EVENTS.len();
+    let start = |l: usize| {
+        (0..blocks)
+            .map(|b| trace[l * per_layer + b * EVENTS.len()])
+            .min()
+            .unwrap_or(0)
+    };
+    println!(
+        "fused layer timeline (us after the layer's first block starts; median over layers 1..{}):",
+        layers - 1
+    );
+    println!(
+        "{:>16} {:>14} {:>12}",
+        "event", "median block", "last block"
+    );
+    for (e, name) in EVENTS.iter().enumerate() {
+        let (mut medians, mut lasts) = (Vec::new(), Vec::new());
+        for l in 1..layers {
+            let t0 = start(l);
+            let mut at: Vec<f64> = (0..blocks)
+                .map(|b| (trace[l * per_layer + b * EVENTS.len() + e] as f64 - t0 as f64) / 1e3)
+                .collect();
+            lasts.push(at.iter().cloned().fold(f64::MIN, f64::max));
+            medians.push(median(&mut at));
+        }
+        println!(
+            "{name:>16} {:>14.2} {:>12.2}",
+            median(&mut medians),
+            median(&mut lasts)
+        );
+    }
+    let mut periods: Vec<f64> = (1..layers - 1)
+        .map(|l| (start(l + 1) - start(l)) as f64 / 1e3)
+        .collect();
+    println!("{:>16} {:>14.2}", "layer period", median(&mut periods));
 }

@@ -30,6 +30,8 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
                 args.out[(static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup) * BI_HEAD_DIM + i] = 0;
         return;
     }
+    const int32_t *table = block_tables + static_cast<size_t>(row_seq[row]) * max_blocks;
+    const Round first = first_round(args, table, kv_head, split, gridDim.z, pos);
     float qh[kGroup][kDims];
     const float scale = rsqrtf(static_cast<float>(BI_HEAD_DIM)) * kLog2e;  // scores in base 2
 #pragma unroll
@@ -39,8 +41,7 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
         for (int d = 0; d < kDims; ++d) qh[h][d] *= scale;
     }
     __shared__ float smem[kSmemFloats];
-    attend_split(args, row, kv_head, split, gridDim.z, pos, block_tables + static_cast<size_t>(row_seq[row]) * max_blocks,
-                       qh, smem);
+    attend_split(args, row, kv_head, split, gridDim.z, pos, table, qh, first, smem);
 }
 
 }  // namespace

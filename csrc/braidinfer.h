@@ -121,10 +121,28 @@ typedef struct {
     int max_blocks;
     int splits;                   /* attention ranges per row, at most BI_MAX_SPLITS */
     float eps;
+    uint32_t skip_phases;         /* 0, or for timing only a mask of bi_layer_phase (results are then wrong) */
+    uint32_t copy_window;         /* weight bytes in flight per block; 0: the kernel's default */
+    unsigned long long *trace;    /* NULL, or [grid, BI_TRACE_EVENTS]: each block's timeline (below) */
 } bi_layer_state;
 
+/* A traced launch records, per block, the GPU clock (%globaltimer, ns) at its start, once the
+ * previous kernel is done, and after each phase and each barrier: qkv, barrier, attention,
+ * barrier, o, barrier, gate/up, barrier, down. */
+#define BI_TRACE_EVENTS 11
+
+/* Phases of bi_decode_layer a timing run may leave out, to see what each costs. */
+typedef enum {
+    BI_SKIP_QKV = 1,       /* the qkv product and its weight copies */
+    BI_SKIP_ATTENTION = 2, /* q/k norm, RoPE, the KV write, attention and its K/V prefetch */
+    BI_SKIP_O = 4,
+    BI_SKIP_GATE_UP = 8,
+    BI_SKIP_DOWN = 16,
+    BI_SKIP_BARRIERS = 32, /* the grid-wide barriers between phases */
+} bi_layer_phase;
+
 /* The fewest SMs bi_decode_layer runs on (its grid is one block per SM). */
-#define BI_FUSED_DECODE_MIN_SMS 110
+#define BI_FUSED_DECODE_MIN_SMS 128
 
 /* One whole decoder layer for m <= 16 decode rows in one launch: the same arithmetic as
  * bi_norm_linear (qkv), bi_qk_norm_rope_cache, bi_attention, bi_linear (o, residual),

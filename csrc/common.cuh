@@ -42,6 +42,12 @@ __device__ __forceinline__ float block_sum(float value, float *scratch) {
     return warp_sum(value);
 }
 
+// Synchronizes the 16 warps (512 threads) that compute, with named barrier 1: the whole block in
+// the attention kernel, every warp but the copy warp in the fused layer kernel.
+__device__ __forceinline__ void sync_compute_warps() {
+    asm volatile("bar.sync 1, 512;\n" ::: "memory");
+}
+
 // Programmatic dependent launch (sm_90): every kernel is launched allowed to start before the
 // previous kernel on the stream finishes. A kernel signals at its start that the next may
 // launch, does work that needs no earlier result (weight loads), then waits for the previous
@@ -56,25 +62,6 @@ __device__ __forceinline__ void allow_next_kernel() {
 __device__ __forceinline__ void wait_for_previous_kernel() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-// Pulls this block's share of `bytes` at `weights` (matrices a later phase or kernel reads) into
-// L2 with one bulk prefetch, so that DRAM keeps streaming while the grid synchronizes. Weights
-// never depend on earlier kernels: call it before the wait.
-__device__ __forceinline__ void prefetch_l2_share(const void *weights, size_t bytes) {
-#if __CUDA_ARCH__ >= 900
-    if (weights == nullptr || threadIdx.x != 0) return;
-    const size_t blocks = static_cast<size_t>(gridDim.x) * gridDim.y * gridDim.z;
-    const size_t block = blockIdx.x + static_cast<size_t>(gridDim.x) * (blockIdx.y + static_cast<size_t>(gridDim.y) * blockIdx.z);
-    const size_t share = (bytes / blocks + 15) / 16 * 16;  // bulk prefetch sizes are multiples of 16
-    const size_t begin = block * share;
-    if (begin >= bytes) return;
-    const size_t size = (bytes - begin < share ? (bytes - begin + 15) / 16 * 16 : share);
-    if (size == 0) return;
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(static_cast<const char *>(weights) + begin),
-                 "r"(static_cast<uint32_t>(size))
-                 : "memory");
 #endif
 }
 

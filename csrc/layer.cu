@@ -4,104 +4,248 @@
 // barrier between dependent ones:
 //   qkv = rmsnorm(x) . Wqkv^T | q/k norm + RoPE, K/V into the cache, attention | x += attn . Wo^T
 //   | act = SwiGLU(rmsnorm(x) . Wgu^T) | x += act . Wdown^T
-// Weights never depend on activations: every block loads its rows of the next product into
-// registers before it waits at the barrier, so DRAM streams while the grid synchronizes, and
-// at the start it pulls the layer's later matrices and the next layer's qkv into L2 (bulk
-// prefetch). Between layers, programmatic dependent launch hides the next launch's latency (its
-// blocks cannot start early: 512 threads of 128 registers fill an SM).
-//
-// Measured on an H200 (benches/decode.rs, batch 1, context 1024, 2026-11-22):
-//   the step as separate kernels (6 per layer, 172 graph nodes, PDL)            888 tok/s
-//   this kernel, barrier = count + generation words                              878
-//   this kernel, barrier = one atomic on a growing 64-bit counter (shipped)      940
-//   timing-only builds of the two-word-barrier version: no barriers (wrong results) 1,152; no
-//   attention phase 1,186. Barriers (~0.26 ms/step) and the attention phase's chain of dependent memory
-//   round trips (~0.21 ms/step) are what stands between this kernel and the bandwidth.
-//   Tried and reverted: all 28 layers in one launch (5 graph nodes): 860, register spills and
-//   a grid barrier costs more than a PDL kernel boundary; gate/up tiles staged in shared
-//   memory by cp.async from the kernel's start: 923, they slow the qkv phase on the critical
-//   path; L2 prefetch of the next kernel's weights in the separate-kernel path: no change.
+// Each block owns tiles of 8 weight rows of every product (tile t goes to block t mod grid).
+// Weights never depend on activations, so the moment the block starts, one warp hands the copy
+// engine every tile of qkv, o and gate/up the block owns (bulk copies into shared memory, one
+// mbarrier per tile), in the order the phases need them, with the L2 prefetch of the block's
+// K/V ranges right after qkv; the down tiles follow into qkv's space once attention is done,
+// then the next layer's qkv is pulled into L2. So DRAM streams the whole layer while the grid
+// waits on barriers and attention, and each product only waits for tiles still in flight. The
+// next layer's blocks start (programmatic dependent launch) as this layer's blocks exit and
+// begin streaming at once; they wait for this layer's results before reading activations.
 #include "attention.cuh"
+#include "bulk_copy.cuh"
 #include "matvec.cuh"
 
 namespace {
 
-constexpr int kWarps = 16;
-constexpr int kThreads = kWarps * bi::kWarp;
+constexpr int kWarps = 16;                          // compute warps
+constexpr int kComputeThreads = kWarps * bi::kWarp;
+constexpr int kThreads = kComputeThreads + bi::kWarp;  // and one copy warp
+constexpr int kCopyWarp = kWarps;
 constexpr int kMaxRows = 16;  // one m16 tile of the tensor-core product
+constexpr int kTileRows = 8;  // weight rows per tile: the n8 of the mma
+// A staged row is padded by 64 bytes, so the 8 rows a warp reads at once alternate halves of
+// the shared-memory banks (row strides are multiples of 128 bytes otherwise): no conflicts.
+constexpr int kRowPad = 32;
+// Most weight bytes the copy warp keeps in flight per block. Enough to keep DRAM busy (132
+// blocks x 48 KiB = 6.3 MB against ~3.4 MB in flight at 4 TB/s and 0.8 us), few enough that
+// the loads and atomics on the critical path do not queue behind megabytes of weights.
+constexpr uint32_t kCopyWindow = 48 * 1024;  // default of bi_layer_state.copy_window
 static_assert(bi::attn::kWarps == kWarps, "the attention core runs on the same 16 warps");
 
-// This block's weight tiles of one [n, k] product, in registers: tile i is rows
-// (blockIdx.x + i * gridDim.x) * 8 .. + 8; warp w holds k columns [w * k / 16, (w + 1) * k / 16).
-template <int Chunks, int MaxTiles>
-struct Tiles {
-    uint4 w[MaxTiles][Chunks];
+constexpr int kQkvRows = (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
+constexpr int kQWidth = BI_Q_HEADS * BI_HEAD_DIM;
+
+// Shared-memory elements of one staged tile of a [n, k] matrix.
+constexpr int tile_elems(int k) { return kTileRows * (k + kRowPad); }
+// The most tiles of an n-row matrix a block owns on the smallest grid.
+constexpr int max_tiles(int n) { return (n / kTileRows + BI_FUSED_DECODE_MIN_SMS - 1) / BI_FUSED_DECODE_MIN_SMS; }
+constexpr int kQkvTiles = max_tiles(kQkvRows), kGateUpTiles = max_tiles(2 * BI_INTERMEDIATE), kNarrowTiles = max_tiles(BI_HIDDEN);
+static_assert(kNarrowTiles == 1, "o and down: at most one tile per block");
+
+// Dynamic shared memory, in bytes: region A holds the qkv tiles, then the attention scratch,
+// then the down tile; B the o tile; C the gate/up tiles; then the products' partial sums and
+// the warps' sums of squares of the rows.
+constexpr int larger(int a, int b) { return a > b ? a : b; }
+constexpr int kRegionA = larger(larger(kQkvTiles * tile_elems(BI_HIDDEN) * 2, tile_elems(BI_INTERMEDIATE) * 2),
+                                bi::attn::kSmemFloats * 4);
+constexpr int kRegionB = tile_elems(kQWidth) * 2;
+constexpr int kRegionC = kGateUpTiles * tile_elems(BI_HIDDEN) * 2;
+constexpr int kReduceFloats = 4096;  // partial sums: [tiles][kWarps][rows][8]
+constexpr int kSmemBytes = kRegionA + kRegionB + kRegionC + (kReduceFloats + kWarps * kMaxRows) * 4;
+static_assert(kSmemBytes <= 227 * 1024, "an H100/H200 block has 227 KiB of shared memory");
+
+static_assert(kReduceFloats >= kWarps * kMaxRows * kTileRows, "a group holds at least one tile");
+static_assert(kComputeThreads >= kReduceFloats / kWarps / 2, "a thread per output pair of a group");
+
+// mbarriers: one per staged tile, and one the compute warps complete once region A is free.
+constexpr int kQkvBar = 0, kOBar = kQkvTiles, kGateUpBar = kOBar + 1, kDownBar = kGateUpBar + kGateUpTiles,
+              kRegionAFreeBar = kDownBar + 1, kBars = kRegionAFreeBar + 1;
+
+// Tiles of an n-row matrix this block owns: blockIdx.x, blockIdx.x + gridDim.x, ...
+__device__ __forceinline__ int owned_tiles(int n) {
+    const int tiles = n / kTileRows;
+    return blockIdx.x < tiles ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+}
+
+// The copy warp's queue: tiles go to the copy engine in the order the phases need them, with at
+// most `window` bytes in flight (it waits for the oldest tile to land before going over).
+class CopyQueue {
+  public:
+    __device__ CopyQueue(uint64_t policy, uint32_t window) : policy_(policy), window_(window) {}
+
+    // This block's tiles of w [n, k] into `dst`, tile i completing bars[i]. Lanes 0..7 each
+    // copy one row of a tile.
+    __device__ __forceinline__ void stage(bi_bf16 *dst, const bi_bf16 *w, int n, int k, uint64_t *bars) {
+        const int lane = threadIdx.x % bi::kWarp;
+        const uint32_t row_bytes = k * sizeof(bi_bf16), tile_bytes = kTileRows * row_bytes;
+        for (int i = 0; i < owned_tiles(n); ++i) {
+            make_room(tile_bytes);
+            if (lane == 0) bi::mbarrier_arrive_expect_bytes(&bars[i], tile_bytes);
+            __syncwarp();
+            if (lane < kTileRows) {
+                const size_t row = static_cast<size_t>(blockIdx.x + i * gridDim.x) * kTileRows + lane;
+                bi::bulk_copy_to_shared(dst + i * tile_elems(k) + lane * (k + kRowPad), w + row * k, row_bytes, &bars[i], policy_);
+            }
+            push(&bars[i], tile_bytes);
+        }
+    }
+
+    // Waits until every staged tile landed.
+    __device__ __forceinline__ void drain() {
+        while (count_ > 0) pop();
+    }
+
+  private:
+    static constexpr int kSlots = 16;
+    __device__ __forceinline__ void make_room(uint32_t bytes) {
+        while (count_ > 0 && (in_flight_ + bytes > window_ || count_ == kSlots)) pop();
+    }
+    __device__ __forceinline__ void push(uint64_t *bar, uint32_t bytes) {
+        bars_[(head_ + count_) % kSlots] = bar, bytes_[(head_ + count_) % kSlots] = bytes;
+        ++count_, in_flight_ += bytes;
+    }
+    __device__ __forceinline__ void pop() {
+        bi::mbarrier_wait(bars_[head_], 0);
+        in_flight_ -= bytes_[head_], head_ = (head_ + 1) % kSlots, --count_;
+    }
+    uint64_t policy_;
+    uint32_t window_;
+    uint64_t *bars_[kSlots];
+    uint32_t bytes_[kSlots];
+    int head_ = 0, count_ = 0;
+    uint32_t in_flight_ = 0;
 };
 
-template <int Chunks, int MaxTiles>
-__device__ __forceinline__ void load_tiles(Tiles<Chunks, MaxTiles> &t, const bi_bf16 *w, int n, int k) {
+// The A fragments of this thread for the warp's columns [w K / 16, (w + 1) K / 16) of rows g
+// and g + 8 (zeros past m). With Norm, rows are RMS-normalized: every warp's sums of squares
+// meet in `sums` ([kWarps][kMaxRows] floats), so the rows are read once.
+template <int K, bool Norm>
+__device__ __forceinline__ void load_a(const bi::Activations &act, float eps, uint4 (&lo)[K / kWarps / bi::kChunk],
+                                       uint4 (&hi)[K / kWarps / bi::kChunk], float *sums) {
+    constexpr int kChunks = K / kWarps / bi::kChunk;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp, g = lane / 4, q = lane % 4;
+    auto column = [&](int c) { return warp * (K / kWarps) + 8 * q + c * bi::kChunk; };
+    if constexpr (!Norm) {
 #pragma unroll
-    for (int i = 0; i < MaxTiles; ++i) {
-        const int tile = blockIdx.x + i * gridDim.x;
-        const bi_bf16 *row = w + static_cast<size_t>(tile * 8 + g) * k + warp * (k / kWarps) + 8 * q;
+        for (int c = 0; c < kChunks; ++c)
+            lo[c] = bi::a_chunk<false>(act, g, column(c), nullptr), hi[c] = bi::a_chunk<false>(act, g + 8, column(c), nullptr);
+    } else {
+        float4 x[2][kChunks][2];  // [row g, g + 8][chunk][8 values]
+        uint4 norm[kChunks];
+        float sum_sq[2] = {};
 #pragma unroll
-        for (int c = 0; c < Chunks; ++c)
-            t.w[i][c] = tile * 8 < n ? bi::load_stream(row + c * bi::kChunk) : make_uint4(0, 0, 0, 0);
+        for (int c = 0; c < kChunks; ++c) {
+            norm[c] = *reinterpret_cast<const uint4 *>(act.norm + column(c));
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = g + 8 * h;
+                const float4 *src = reinterpret_cast<const float4 *>(static_cast<const float *>(act.a) + row * K + column(c));
+                x[h][c][0] = row < act.m ? src[0] : make_float4(0, 0, 0, 0);
+                x[h][c][1] = row < act.m ? src[1] : make_float4(0, 0, 0, 0);
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+                    sum_sq[h] += x[h][c][i].x * x[h][c][i].x + x[h][c][i].y * x[h][c][i].y + x[h][c][i].z * x[h][c][i].z +
+                                 x[h][c][i].w * x[h][c][i].w;
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // the 4 lanes of a row
+            sum_sq[h] += __shfl_xor_sync(0xffffffffu, sum_sq[h], 1);
+            sum_sq[h] += __shfl_xor_sync(0xffffffffu, sum_sq[h], 2);
+            if (q == 0) sums[warp * kMaxRows + g + 8 * h] = sum_sq[h];
+        }
+        bi::sync_compute_warps();
+        float inv_rms[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float total = 0.0f;
+#pragma unroll
+            for (int from = 0; from < kWarps; ++from) total += sums[from * kMaxRows + g + 8 * h];
+            inv_rms[h] = rsqrtf(total / K + eps);
+        }
+        auto lo16 = [](uint32_t v) { return __uint_as_float(v << 16); };
+        auto hi16 = [](uint32_t v) { return __uint_as_float(v & 0xffff0000u); };
+        auto pack = [&](const float4 (&v)[2], uint4 w, float s) {
+            return make_uint4(bi::pack_bf16x2(v[0].x * s * lo16(w.x), v[0].y * s * hi16(w.x)),
+                              bi::pack_bf16x2(v[0].z * s * lo16(w.y), v[0].w * s * hi16(w.y)),
+                              bi::pack_bf16x2(v[1].x * s * lo16(w.z), v[1].y * s * hi16(w.z)),
+                              bi::pack_bf16x2(v[1].z * s * lo16(w.w), v[1].w * s * hi16(w.w)));
+        };
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) lo[c] = pack(x[0][c], norm[c], inv_rms[0]), hi[c] = pack(x[1][c], norm[c], inv_rms[1]);
     }
 }
 
-// out = act . W^T for this block's tiles, then the epilogue. smem: 16 + MaxTiles * 16 * 128 floats.
-template <int Chunks, int MaxTiles, int Epilogue, bool Norm>
-__device__ __forceinline__ void product(const Tiles<Chunks, MaxTiles> &t, const bi::Activations &act, float eps, void *out,
-                                        int n, float *smem) {
-    const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp, g = lane / 4, q = lane % 4;
-    float *inv_rms = smem, *reduce = smem + kMaxRows;  // reduce: [MaxTiles][kWarps][4][32]
-    if constexpr (Norm) {
-        bi::row_inv_rms(act, eps, inv_rms);
-        __syncthreads();
-    }
+// out = act . W^T for this block's tiles of W [n, K] in `staged`, then the epilogue. Warp w
+// multiplies columns [w K / 16, (w + 1) K / 16) of every tile as it lands (its A fragments
+// loaded once, before the first tile) and leaves its partial sums in shared memory; once a group
+// of tiles is done (all of them unless m is large), one block barrier, then thread t sums one
+// output pair over the 16 warps (an added residual is read before the tiles land).
+// smem: kReduceFloats + kWarps * kMaxRows floats. Compute warps only.
+template <int K, int Epilogue, bool Norm>
+__device__ __forceinline__ void product(const bi_bf16 *staged, uint64_t *bars, const bi::Activations &act, float eps,
+                                        void *out, int n, float *smem) {
+    constexpr int kChunks = K / kWarps / bi::kChunk;
+    const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp, g = lane / 4, q = lane % 4, m = act.m;
+    uint4 a_lo[kChunks], a_hi[kChunks];
+    load_a<K, Norm>(act, eps, a_lo, a_hi, smem + kReduceFloats);
+    float *partials = smem;  // [group][kWarps][m][8]
+    const int count = owned_tiles(n), group = kReduceFloats / (kWarps * m * kTileRows);
+    // This thread's output pair in a group: tile, row, columns 2 pair, 2 pair + 1.
+    const int my_tile = threadIdx.x / (4 * m), my_row = threadIdx.x / 4 % m, my_pair = threadIdx.x % 4;
+    for (int first = 0; first < count; first += group) {
+        const int tiles = min(group, count - first);
+        const bool reducer = my_tile < tiles;
+        const int col = (blockIdx.x + (first + my_tile) * gridDim.x) * kTileRows + 2 * my_pair;
+        float2 sum = make_float2(0.0f, 0.0f);
+        if constexpr (Epilogue == BI_EPILOGUE_ADD_RESIDUAL)
+            if (reducer) sum = *reinterpret_cast<const float2 *>(static_cast<float *>(out) + my_row * n + col);
+        for (int i = 0; i < tiles; ++i) {
+            bi::mbarrier_wait(&bars[first + i], 0);
+            const bi_bf16 *w = staged + (first + i) * tile_elems(K) + g * (K + kRowPad) + warp * (K / kWarps) + 8 * q;
+            float acc[4] = {};
 #pragma unroll
-    for (int i = 0; i < MaxTiles; ++i) {
-        if ((blockIdx.x + i * gridDim.x) * 8 >= n) break;
-        float acc[4] = {};
-#pragma unroll
-        for (int c = 0; c < Chunks; ++c) {
-            const int col = warp * (act.k / kWarps) + 8 * q + c * bi::kChunk;
-            const uint4 lo = bi::a_chunk<Norm>(act, g, col, inv_rms), hi = bi::a_chunk<Norm>(act, g + 8, col, inv_rms);
-            bi::mma_bf16(acc, lo.x, hi.x, lo.y, hi.y, t.w[i][c].x, t.w[i][c].y);
-            bi::mma_bf16(acc, lo.z, hi.z, lo.w, hi.w, t.w[i][c].z, t.w[i][c].w);
+            for (int c = 0; c < kChunks; ++c) {
+                const uint4 b = *reinterpret_cast<const uint4 *>(w + c * bi::kChunk);
+                bi::mma_bf16(acc, a_lo[c].x, a_hi[c].x, a_lo[c].y, a_hi[c].y, b.x, b.y);
+                bi::mma_bf16(acc, a_lo[c].z, a_hi[c].z, a_lo[c].w, a_hi[c].w, b.z, b.w);
+            }
+            float *part = partials + (i * kWarps + warp) * m * kTileRows;
+            if (g < m) *reinterpret_cast<float2 *>(part + g * kTileRows + 2 * q) = make_float2(acc[0], acc[1]);
+            if (g + 8 < m) *reinterpret_cast<float2 *>(part + (g + 8) * kTileRows + 2 * q) = make_float2(acc[2], acc[3]);
         }
+        bi::sync_compute_warps();
+        if (reducer) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) reduce[((i * kWarps + warp) * 4 + e) * bi::kWarp + lane] = acc[e];
+            for (int from = 0; from < kWarps; ++from) {
+                const float2 p =
+                    *reinterpret_cast<const float2 *>(partials + ((my_tile * kWarps + from) * m + my_row) * kTileRows + 2 * my_pair);
+                sum.x += p.x, sum.y += p.y;
+            }
+            constexpr int kStore = Epilogue == BI_EPILOGUE_ADD_RESIDUAL ? BI_EPILOGUE_STORE_F32 : Epilogue;
+            bi::store_pair<kStore>(out, n, my_row, col, sum.x, sum.y);
+        }
+        bi::sync_compute_warps();  // the partials are reused by the next group or phase
     }
-    __syncthreads();
-    const int tile = blockIdx.x + warp * gridDim.x;  // warp i sums tile i over the warps
-    if (warp < MaxTiles && tile * 8 < n) {
-        float v[4] = {};
-        for (int w = 0; w < kWarps; ++w)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) v[e] += reduce[((warp * kWarps + w) * 4 + e) * bi::kWarp + lane];
-        const int col = tile * 8 + 2 * q;
-        if (g < act.m) bi::store_pair<Epilogue>(out, n, g, col, v[0], v[1]);
-        if (g + 8 < act.m) bi::store_pair<Epilogue>(out, n, g + 8, col, v[2], v[3]);
-    }
-    __syncthreads();  // shared memory is reused by the next phase
 }
 
 // All blocks of the grid meet here. `arrivals` only grows (64 bits: it never wraps), so a
-// barrier is one atomic add and a poll, with nothing to reset between barriers or launches.
+// barrier is one atomic add and a poll, with nothing to reset between barriers or launches. The
+// add releases the block's writes (ordered before it by the block barrier), the poll acquires
+// everyone's.
 __device__ __forceinline__ void grid_barrier(unsigned long long *arrivals) {
-    __syncthreads();
+    bi::sync_compute_warps();
     if (threadIdx.x == 0) {
-        __threadfence();
-        const unsigned long long ticket = atomicAdd(arrivals, 1ull);
+        unsigned long long ticket, seen;
+        asm volatile("atom.add.release.gpu.u64 %0, [%1], 1;\n" : "=l"(ticket) : "l"(arrivals) : "memory");
         const unsigned long long release = (ticket / gridDim.x + 1) * gridDim.x;
-        while (*reinterpret_cast<volatile unsigned long long *>(arrivals) < release) {
-        }
-        __threadfence();
+        do {
+            asm volatile("ld.acquire.gpu.u64 %0, [%1];\n" : "=l"(seen) : "l"(arrivals) : "memory");
+        } while (seen < release);
     }
-    __syncthreads();
+    bi::sync_compute_warps();
 }
 
 // Qwen3's per-head RMSNorm and rotate-half RoPE of one 128-wide head, by a warp: lane l gets
@@ -127,26 +271,48 @@ __device__ __forceinline__ void store_bf16x4(bi_bf16 *dst, const float (&v)[4]) 
     *reinterpret_cast<uint2 *>(dst) = make_uint2(bi::pack_bf16x2(v[0], v[1]), bi::pack_bf16x2(v[2], v[3]));
 }
 
-// Work items (row, kv head, range): q/k norm + RoPE, the new K/V into the cache, attention.
-__device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state &st, float *smem) {
+// Attention work items (row, kv head, range), item i on block i mod grid.
+struct Item {
+    int row, kv_head, split, pos;
+    const int32_t *table;  // the row's block table
+};
+
+__device__ __forceinline__ Item attention_item(const bi_layer_state &st, int item) {
+    const int row = item / (BI_KV_HEADS * st.splits);
+    const int pos = st.positions[row];
+    return {row, item / st.splits % BI_KV_HEADS, item % st.splits, pos,
+            st.block_tables + static_cast<size_t>(st.row_seq[row]) * st.max_blocks};
+}
+
+// Every item: q/k norm + RoPE, the new K/V into the cache, attention. first: the block's first
+// item, looked up before the grid barrier (positions and block tables do not change in a step).
+__device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state &st, const Item &first, float *smem) {
     using namespace bi::attn;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const Args args{st.attn, st.partials, st.counters, w.k_cache, w.v_cache};
-    const int items = st.m * BI_KV_HEADS * st.splits;
-    for (int item = blockIdx.x; item < items; item += gridDim.x) {
-        const int row = item / (BI_KV_HEADS * st.splits), kv_head = item / st.splits % BI_KV_HEADS, split = item % st.splits;
-        const int pos = st.positions[row];
+    for (int item = blockIdx.x; item < st.m * BI_KV_HEADS * st.splits; item += gridDim.x) {
+        const auto [row, kv_head, split, pos, table] = item == static_cast<int>(blockIdx.x) ? first : attention_item(st, item);
         if (pos < 0) {  // padding row: zeros
             if (split == 0)
-                for (int i = threadIdx.x; i < kGroup * BI_HEAD_DIM; i += blockDim.x)
+                for (int i = threadIdx.x; i < kGroup * BI_HEAD_DIM; i += kComputeThreads)
                     st.attn[(static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup) * BI_HEAD_DIM + i] = 0;
             continue;
         }
-        const int active = min(st.splits, (pos + kMinSplitTokens) / kMinSplitTokens);
+        const int active = split_range(pos, split, st.splits).active;
         if (split >= active) continue;  // a short context uses fewer ranges
-        const int32_t *table = st.block_tables + static_cast<size_t>(st.row_seq[row]) * st.max_blocks;
+        const Round round0 = first_round(args, table, kv_head, split, st.splits, pos);
         const float *qkv = st.qkv + static_cast<size_t>(row) * (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
-        // The range that ends at `pos` first writes the new K and V, then reads them back.
+        // Every warp needs both query heads: each computes them (2 KiB from L2), rounded to bf16
+        // as the separate kernels store them.
+        float qh[kGroup][kDims];
+        const float scale = rsqrtf(static_cast<float>(BI_HEAD_DIM)) * kLog2e;
+#pragma unroll
+        for (int h = 0; h < kGroup; ++h) {
+            norm_rope(qh[h], qkv + (kv_head * kGroup + h) * BI_HEAD_DIM, w.q_norm, pos, st.rope_inv_freq, st.eps);
+#pragma unroll
+            for (int d = 0; d < kDims; ++d) qh[h][d] = bi::bf16_to_f32(bi::f32_to_bf16(qh[h][d])) * scale;
+        }
+        // The range that ends at `pos` writes the new K and V (attend_split reads them back).
         if (split == active - 1) {
             const size_t slot = ((static_cast<size_t>(table[pos / BI_BLOCK_TOKENS]) * BI_KV_HEADS + kv_head) * BI_BLOCK_TOKENS +
                                  pos % BI_BLOCK_TOKENS) * BI_HEAD_DIM + 4 * lane;
@@ -159,69 +325,82 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
                 const float v[4] = {v4.x, v4.y, v4.z, v4.w};
                 store_bf16x4(w.v_cache + slot, v);
             }
-            __syncthreads();
+            bi::sync_compute_warps();
         }
-        // Every warp needs both query heads: each computes them (2 KiB from L2), rounded to bf16
-        // as the separate kernels store them.
-        float qh[kGroup][kDims];
-        const float scale = rsqrtf(static_cast<float>(BI_HEAD_DIM)) * kLog2e;
-#pragma unroll
-        for (int h = 0; h < kGroup; ++h) {
-            norm_rope(qh[h], qkv + (kv_head * kGroup + h) * BI_HEAD_DIM, w.q_norm, pos, st.rope_inv_freq, st.eps);
-#pragma unroll
-            for (int d = 0; d < kDims; ++d) qh[h][d] = bi::bf16_to_f32(bi::f32_to_bf16(qh[h][d])) * scale;
-        }
-        attend_split(args, row, kv_head, split, st.splits, pos, table, qh, smem);
-        __syncthreads();  // shared memory is reused by the next item
+        attend_split(args, row, kv_head, split, st.splits, pos, table, qh, round0, smem);
+        bi::sync_compute_warps();  // shared memory is reused by the next item
     }
 }
 
-constexpr int kQkvRows = (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
-constexpr int kQWidth = BI_Q_HEADS * BI_HEAD_DIM;
-// Most tiles per block of each product (qkv 512 tiles, gate/up 768, o and down 128): enough
-// for grids of 110 blocks and up (132 SMs on H100/H200 SXM, 114 on H100 PCIe); smaller GPUs
-// take the separate kernels.
-constexpr int kQkvTiles = 5, kGateUpTiles = 7, kNarrowTiles = 2;
-static_assert(BI_FUSED_DECODE_MIN_SMS * kQkvTiles * 8 >= kQkvRows && BI_FUSED_DECODE_MIN_SMS * kNarrowTiles * 8 >= BI_HIDDEN &&
-                  BI_FUSED_DECODE_MIN_SMS * kGateUpTiles * 8 >= 2 * BI_INTERMEDIATE,
-              "every block must own at most the tiles its registers hold");
-constexpr int kSmemFloats = kMaxRows + kGateUpTiles * kWarps * 4 * bi::kWarp > bi::attn::kSmemFloats
-                                ? kMaxRows + kGateUpTiles * kWarps * 4 * bi::kWarp
-                                : bi::attn::kSmemFloats;
-
 __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, bi_layer_state st) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) unsigned char smem[];
+    __shared__ uint64_t bars[kBars];
+    bi_bf16 *region_a = reinterpret_cast<bi_bf16 *>(smem), *region_b = reinterpret_cast<bi_bf16 *>(smem + kRegionA),
+            *region_c = reinterpret_cast<bi_bf16 *>(smem + kRegionA + kRegionB);
+    float *scratch = reinterpret_cast<float *>(smem + kRegionA + kRegionB + kRegionC);
+    const int warp = threadIdx.x / bi::kWarp;
+    const uint32_t skip = st.skip_phases;
     bi::allow_next_kernel();
-    bi::prefetch_l2_share(w.o, static_cast<size_t>(BI_HIDDEN) * kQWidth * sizeof(bi_bf16));
-    bi::prefetch_l2_share(w.gate_up, static_cast<size_t>(2 * BI_INTERMEDIATE) * BI_HIDDEN * sizeof(bi_bf16));
-    bi::prefetch_l2_share(w.down, static_cast<size_t>(BI_HIDDEN) * BI_INTERMEDIATE * sizeof(bi_bf16));
-    bi::prefetch_l2_share(w.next_qkv, w.next_qkv_bytes);
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < kBars; ++i) bi::mbarrier_init(&bars[i], 1);
+        bi::fence_mbarrier_init();
+    }
+    __syncthreads();
 
-    Tiles<BI_HIDDEN / kWarps / bi::kChunk, kQkvTiles> qkv_w;
-    load_tiles(qkv_w, w.qkv, kQkvRows, BI_HIDDEN);
+    if (warp == kCopyWarp) {  // weights never depend on earlier kernels: no wait
+        CopyQueue queue(bi::evict_first_policy(), st.copy_window > 0 ? st.copy_window : kCopyWindow);
+        if (!(skip & BI_SKIP_QKV)) queue.stage(region_a, w.qkv, kQkvRows, BI_HIDDEN, &bars[kQkvBar]);
+        if (!(skip & BI_SKIP_O)) queue.stage(region_b, w.o, BI_HIDDEN, kQWidth, &bars[kOBar]);
+        if (!(skip & BI_SKIP_GATE_UP)) queue.stage(region_c, w.gate_up, 2 * BI_INTERMEDIATE, BI_HIDDEN, &bars[kGateUpBar]);
+        bi::mbarrier_wait(&bars[kRegionAFreeBar], 0);
+        bi::fence_proxy_async_shared();  // the compute warps' use of region A comes first
+        if (!(skip & BI_SKIP_DOWN)) queue.stage(region_a, w.down, BI_HIDDEN, BI_INTERMEDIATE, &bars[kDownBar]);
+        if (threadIdx.x % bi::kWarp == 0) bi::prefetch_l2_share(w.next_qkv, w.next_qkv_bytes);
+        queue.drain();
+        return;
+    }
+
+    int event = 0;
+    auto stamp = [&] {
+        if (st.trace != nullptr && threadIdx.x == 0) {
+            unsigned long long now;
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+            st.trace[blockIdx.x * BI_TRACE_EVENTS + event] = now;
+        }
+        ++event;
+    };
+    auto barrier = [&] {
+        if (!(skip & BI_SKIP_BARRIERS)) grid_barrier(st.arrivals);
+        stamp();
+    };
+    stamp();
     bi::wait_for_previous_kernel();
-    product<BI_HIDDEN / kWarps / bi::kChunk, kQkvTiles, BI_EPILOGUE_STORE_F32, true>(
-        qkv_w, {st.x, w.input_norm, st.m, BI_HIDDEN}, st.eps, st.qkv, kQkvRows, smem);
-
-    Tiles<kQWidth / kWarps / bi::kChunk, kNarrowTiles> o_w;
-    load_tiles(o_w, w.o, BI_HIDDEN, kQWidth);
-    grid_barrier(st.arrivals);
-    attention_phase(w, st, smem);
-    grid_barrier(st.arrivals);
-    product<kQWidth / kWarps / bi::kChunk, kNarrowTiles, BI_EPILOGUE_ADD_RESIDUAL, false>(
-        o_w, {st.attn, nullptr, st.m, kQWidth}, st.eps, st.x, BI_HIDDEN, smem);
-
-    Tiles<BI_HIDDEN / kWarps / bi::kChunk, kGateUpTiles> gate_up_w;
-    load_tiles(gate_up_w, w.gate_up, 2 * BI_INTERMEDIATE, BI_HIDDEN);
-    grid_barrier(st.arrivals);
-    product<BI_HIDDEN / kWarps / bi::kChunk, kGateUpTiles, BI_EPILOGUE_SWIGLU, true>(
-        gate_up_w, {st.x, w.post_norm, st.m, BI_HIDDEN}, st.eps, st.act, 2 * BI_INTERMEDIATE, smem);
-
-    Tiles<BI_INTERMEDIATE / kWarps / bi::kChunk, kNarrowTiles> down_w;
-    load_tiles(down_w, w.down, BI_HIDDEN, BI_INTERMEDIATE);
-    grid_barrier(st.arrivals);
-    product<BI_INTERMEDIATE / kWarps / bi::kChunk, kNarrowTiles, BI_EPILOGUE_ADD_RESIDUAL, false>(
-        down_w, {st.act, nullptr, st.m, BI_INTERMEDIATE}, st.eps, st.x, BI_HIDDEN, smem);
+    stamp();
+    if (!(skip & BI_SKIP_QKV))
+        product<BI_HIDDEN, BI_EPILOGUE_STORE_F32, true>(region_a, &bars[kQkvBar], {st.x, w.input_norm, st.m, BI_HIDDEN},
+                                                        st.eps, st.qkv, kQkvRows, scratch);
+    const Item first_item = static_cast<int>(blockIdx.x) < st.m * BI_KV_HEADS * st.splits ? attention_item(st, blockIdx.x) : Item{};
+    stamp();
+    barrier();
+    if (!(skip & BI_SKIP_ATTENTION)) attention_phase(w, st, first_item, reinterpret_cast<float *>(region_a));
+    bi::sync_compute_warps();
+    if (threadIdx.x == 0) bi::mbarrier_arrive(&bars[kRegionAFreeBar]);  // region A is free
+    stamp();
+    barrier();
+    if (!(skip & BI_SKIP_O))
+        product<kQWidth, BI_EPILOGUE_ADD_RESIDUAL, false>(region_b, &bars[kOBar], {st.attn, nullptr, st.m, kQWidth}, st.eps,
+                                                         st.x, BI_HIDDEN, scratch);
+    stamp();
+    barrier();
+    if (!(skip & BI_SKIP_GATE_UP))
+        product<BI_HIDDEN, BI_EPILOGUE_SWIGLU, true>(region_c, &bars[kGateUpBar], {st.x, w.post_norm, st.m, BI_HIDDEN}, st.eps,
+                                                    st.act, 2 * BI_INTERMEDIATE, scratch);
+    stamp();
+    barrier();
+    if (!(skip & BI_SKIP_DOWN))
+        product<BI_INTERMEDIATE, BI_EPILOGUE_ADD_RESIDUAL, false>(region_a, &bars[kDownBar], {st.act, nullptr, st.m, BI_INTERMEDIATE},
+                                                                 st.eps, st.x, BI_HIDDEN, scratch);
+    stamp();
 }
 
 }  // namespace
@@ -235,8 +414,7 @@ extern "C" cudaError_t bi_decode_layer(const bi_layer_weights *weights, const bi
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (e != cudaSuccess) return e;
     if (sms < BI_FUSED_DECODE_MIN_SMS) return cudaErrorInvalidConfiguration;
-    constexpr size_t smem = kSmemFloats * sizeof(float);
-    e = cudaFuncSetAttribute(layer_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    e = cudaFuncSetAttribute(layer_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (e != cudaSuccess) return e;
-    return bi::launch(layer_kernel, dim3(sms), dim3(kThreads), smem, stream, *weights, *state);
+    return bi::launch(layer_kernel, dim3(sms), dim3(kThreads), kSmemBytes, stream, *weights, *state);
 }

@@ -110,6 +110,7 @@ impl Engine {
             block_tables,
             max_blocks,
             fused_decode,
+            knobs: kernels::LayerKnobs::default(),
         };
         let mut engine = Self {
             forward,
@@ -337,6 +338,31 @@ impl Engine {
         let nodes = graph_node_count(&graph)?;
         self.graph = Some(graph);
         Ok(nodes)
+    }
+
+    /// Benchmarks only: sets the fused layer kernel's timing knobs (which can make the results
+    /// wrong) and captures the step again. Returns the graph's kernel-node count.
+    pub fn set_layer_knobs(&mut self, knobs: kernels::LayerKnobs) -> Result<usize> {
+        self.forward.knobs = knobs;
+        self.capture()
+    }
+
+    /// Diagnostics: from now on every fused layer launch records its blocks' timelines (see
+    /// `trace`), and the step is captured again.
+    pub fn trace_layers(&mut self) -> Result<usize> {
+        let sms = self.forward.gpu.multiprocessors()?;
+        let len = self.forward.config.layers * sms * kernels::TRACE_EVENTS;
+        self.decode.trace = Some(self.forward.gpu.alloc(len)?);
+        self.capture()
+    }
+
+    /// The last step's timelines [layers, SMs, TRACE_EVENTS] in GPU-clock ns (empty unless
+    /// `trace_layers` was called).
+    pub fn trace(&self) -> Result<Vec<u64>> {
+        match &self.decode.trace {
+            Some(t) => self.forward.gpu.download(t),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// One decode step: the graph if captured, else kernel by kernel.

@@ -6,7 +6,7 @@ use anyhow::Result;
 use cudarc::driver::{CudaSlice, DevicePtrMut};
 
 use super::kernels::{
-    self, DecodeLayer, DecodeScratch, Epilogue, LayerCache, NormEpilogue, Rows,
+    self, DecodeLayer, DecodeScratch, Epilogue, LayerCache, LayerKnobs, NormEpilogue, Rows,
     DECODE_LAYER_MAX_ROWS, HIDDEN, INTERMEDIATE, KV_HEADS, PARTIAL_FLOATS, QKV_WIDTH, Q_HEADS,
     Q_WIDTH,
 };
@@ -32,6 +32,8 @@ pub struct StepBuffers {
     partials: CudaSlice<f32>,      // [rows, 16, splits, 130]
     counters: CudaSlice<i32>,      // [rows, 8] attention completion counters, kept zero
     arrivals: CudaSlice<u64>,      // [1] grid-barrier arrivals of the fused layer kernel
+    /// None, or [layers, SMs, TRACE_EVENTS]: the fused layer launches' timelines.
+    pub trace: Option<CudaSlice<u64>>,
 }
 
 impl StepBuffers {
@@ -51,6 +53,7 @@ impl StepBuffers {
             partials: gpu.alloc(rows * Q_HEADS * splits * PARTIAL_FLOATS)?,
             counters: gpu.alloc(rows * KV_HEADS)?,
             arrivals: gpu.alloc(1)?,
+            trace: None,
         })
     }
 }
@@ -64,6 +67,8 @@ pub struct Forward {
     pub max_blocks: usize,
     /// Whether the GPU has the SMs for the fused decode-layer kernel's grid.
     pub fused_decode: bool,
+    /// Timing knobs of the fused layer kernel (benchmarks only).
+    pub knobs: LayerKnobs,
 }
 
 impl Forward {
@@ -139,6 +144,10 @@ impl Forward {
                 k: &mut k,
                 v: &mut v,
             };
+            let trace = bufs.trace.as_mut().map(|t| {
+                let per_layer = t.len() / w.layers.len();
+                t.slice_mut(i * per_layer..(i + 1) * per_layer)
+            });
             kernels::decode_layer(
                 gpu,
                 &weights,
@@ -148,6 +157,8 @@ impl Forward {
                 &w.rope_inv_freq,
                 bufs.splits,
                 c.rms_eps,
+                self.knobs,
+                trace,
             )?;
         }
         Ok(())

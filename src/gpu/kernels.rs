@@ -3,7 +3,7 @@
 //! bf16 buffers hold raw bits (`u16`).
 
 use anyhow::{ensure, Result};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceSlice};
+use cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use super::device::{check, Gpu};
 use super::ffi;
@@ -346,6 +346,26 @@ pub fn attention<P: DevicePtr<i32>>(
     check(code, "bi_attention")
 }
 
+/// Timing knobs of the fused layer kernel (benchmarks only; `Engine::set_layer_knobs`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LayerKnobs {
+    /// Phases left out (a mask of the SKIP_ constants): the results are then wrong.
+    pub skip_phases: u32,
+    /// Weight bytes in flight per block; 0: the kernel's default.
+    pub copy_window: u32,
+}
+
+/// Phases of the fused layer kernel a timing run may leave out.
+pub const SKIP_QKV: u32 = ffi::bi_layer_phase_BI_SKIP_QKV;
+pub const SKIP_ATTENTION: u32 = ffi::bi_layer_phase_BI_SKIP_ATTENTION;
+pub const SKIP_O: u32 = ffi::bi_layer_phase_BI_SKIP_O;
+pub const SKIP_GATE_UP: u32 = ffi::bi_layer_phase_BI_SKIP_GATE_UP;
+pub const SKIP_DOWN: u32 = ffi::bi_layer_phase_BI_SKIP_DOWN;
+pub const SKIP_BARRIERS: u32 = ffi::bi_layer_phase_BI_SKIP_BARRIERS;
+
+/// Clock stamps per block of a traced `decode_layer` launch (csrc/braidinfer.h says which).
+pub const TRACE_EVENTS: usize = ffi::BI_TRACE_EVENTS as usize;
+
 /// The most rows `decode_layer` takes (one m16 tensor-core tile).
 pub const DECODE_LAYER_MAX_ROWS: usize = 16;
 
@@ -384,6 +404,8 @@ pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
     rope_inv_freq: &CudaSlice<f32>,
     splits: usize,
     eps: f32,
+    knobs: LayerKnobs,
+    trace: Option<CudaViewMut<'_, u64>>,
 ) -> Result<()> {
     rows.check()?;
     let m = rows.m;
@@ -454,6 +476,16 @@ pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
         max_blocks: dim(rows.max_blocks, "max_blocks")?,
         splits: dim(splits, "splits")?,
         eps,
+        skip_phases: knobs.skip_phases,
+        copy_window: knobs.copy_window,
+        trace: match trace {
+            Some(mut t) => {
+                let sms = gpu.multiprocessors()?;
+                fits(&t, sms * TRACE_EVENTS, "trace")?;
+                pm(gpu, &mut t).cast()
+            }
+            None => std::ptr::null_mut(),
+        },
     };
     // SAFETY: every buffer was checked against the shapes above; block ids come from the host
     // allocator; the structs hold live device pointers and are copied by the launch.
