@@ -20,6 +20,7 @@ use braidinfer::gpu::kernels::{self, LayerKnobs};
 use braidinfer::gpu::kv_cache::bytes_per_position;
 use braidinfer::gpu::{Engine, EngineOptions, Gpu};
 use braidinfer::rng::SplitMix64;
+use braidinfer::roofline;
 use braidinfer::sampling::SamplingParams;
 use braidinfer::synthetic::synthetic_weights;
 
@@ -80,7 +81,7 @@ fn run(args: Args) -> Result<()> {
         ..Default::default()
     };
     let mut engine = Engine::new(gpu, &config, &weights, &options)?;
-    let nodes = engine.capture()?;
+    let nodes = engine.capture()?.last().map_or(0, |&(_, nodes)| nodes);
     let weight_bytes = engine.weight_bytes_per_step() as f64;
     let mut rng = SplitMix64::new(1);
     let mut prompt = |len: usize| -> Vec<u32> {
@@ -101,9 +102,7 @@ fn run(args: Args) -> Result<()> {
             |e| e.set_positions(&position),
             |e| e.step(),
         )?;
-        let kv_read = (context + 1) as f64 * bytes_per_position(config.layers) as f64;
-        let kv_written = bytes_per_position(config.layers) as f64;
-        let bytes = weight_bytes + kv_read + kv_written;
+        let bytes = roofline::step_bytes(&config, weight_bytes, 1, context);
         let bandwidth = bytes / (ms * 1e-3);
         rows.push(serde_json::json!({
             "context": context, "step_ms": ms, "tokens_per_s": 1e3 / ms, "bytes_per_step": bytes,
@@ -238,7 +237,6 @@ fn print_timeline(trace: &[u64], layers: usize) {
         "start",
         "previous done",
         "qkv",
-        "barrier",
         "attention",
         "barrier",
         "o",

@@ -112,7 +112,8 @@ typedef struct {
     bi_bf16 *act;                 /* [m, 3072] scratch */
     float *partials;              /* [m, 16, splits, BI_PARTIAL_FLOATS] scratch */
     int32_t *counters;            /* [m, 8]: zero before the first launch, left zero */
-    unsigned long long *arrivals; /* grid-barrier arrivals: zero before the first launch, only grows */
+    unsigned long long *arrivals; /* [1 + 8]: grid-barrier arrivals, then per kv head the qkv blocks
+                                     done with it; zero before the first launch, they only grow */
     const int32_t *positions;     /* [m]; negative: a padding row */
     const int32_t *row_seq;       /* [m] */
     const int32_t *block_tables;  /* [seqs, max_blocks] */
@@ -127,9 +128,9 @@ typedef struct {
 } bi_layer_state;
 
 /* A traced launch records, per block, the GPU clock (%globaltimer, ns) at its start, once the
- * previous kernel is done, and after each phase and each barrier: qkv, barrier, attention,
- * barrier, o, barrier, gate/up, barrier, down. */
-#define BI_TRACE_EVENTS 11
+ * previous kernel is done, and after each phase and each barrier: qkv, attention (which waits
+ * for the qkv blocks of its kv head), barrier, o, barrier, gate/up, barrier, down. */
+#define BI_TRACE_EVENTS 10
 
 /* Phases of bi_decode_layer a timing run may leave out, to see what each costs. */
 typedef enum {
@@ -138,7 +139,7 @@ typedef enum {
     BI_SKIP_O = 4,
     BI_SKIP_GATE_UP = 8,
     BI_SKIP_DOWN = 16,
-    BI_SKIP_BARRIERS = 32, /* the grid-wide barriers between phases */
+    BI_SKIP_BARRIERS = 32, /* the grid-wide barriers and the wait for the qkv blocks of a kv head */
 } bi_layer_phase;
 
 /* The fewest SMs bi_decode_layer runs on (its grid is one block per SM). */

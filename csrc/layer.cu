@@ -41,6 +41,10 @@ constexpr int kQWidth = BI_Q_HEADS * BI_HEAD_DIM;
 constexpr int tile_elems(int k) { return kTileRows * (k + kRowPad); }
 // The most tiles of an n-row matrix a block owns on the smallest grid.
 constexpr int max_tiles(int n) { return (n / kTileRows + BI_FUSED_DECODE_MIN_SMS - 1) / BI_FUSED_DECODE_MIN_SMS; }
+constexpr int kBlocksPerKvHead = BI_HEAD_DIM / kTileRows;  // 16: one k tile and one v tile each
+constexpr int kHeadBlocks = BI_KV_HEADS * kBlocksPerKvHead;  // 128 blocks produce qkv
+static_assert(kHeadBlocks <= BI_FUSED_DECODE_MIN_SMS, "every qkv tile has a block");
+static_assert(kQkvRows / kTileRows == kHeadBlocks * 4, "four qkv tiles per producing block");
 constexpr int kQkvTiles = max_tiles(kQkvRows), kGateUpTiles = max_tiles(2 * BI_INTERMEDIATE), kNarrowTiles = max_tiles(BI_HIDDEN);
 static_assert(kNarrowTiles == 1, "o and down: at most one tile per block");
 
@@ -63,11 +67,29 @@ static_assert(kComputeThreads >= kReduceFloats / kWarps / 2, "a thread per outpu
 constexpr int kQkvBar = 0, kOBar = kQkvTiles, kGateUpBar = kOBar + 1, kDownBar = kGateUpBar + kGateUpTiles,
               kRegionAFreeBar = kDownBar + 1, kBars = kRegionAFreeBar + 1;
 
-// Tiles of an n-row matrix this block owns: blockIdx.x, blockIdx.x + gridDim.x, ...
-__device__ __forceinline__ int owned_tiles(int n) {
-    const int tiles = n / kTileRows;
-    return blockIdx.x < tiles ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-}
+// Which tiles of an n-row matrix this block owns. Strided: blockIdx.x, blockIdx.x + gridDim.x,
+// ... For qkv, by kv head: block 16 h + j (h < 8, j < 16) owns query tiles 32 h + 2 j and
+// 32 h + 2 j + 1 and key and value tiles 16 h + j, so the 16 blocks 16 h .. 16 h + 15 produce
+// everything attention needs of kv head h, and attention waits for them alone.
+struct TileMap {
+    int n;
+    bool by_kv_head;
+
+    __device__ __forceinline__ int count() const {
+        if (by_kv_head) return blockIdx.x < kHeadBlocks ? kQkvTiles : 0;
+        const int tiles = n / kTileRows;
+        return static_cast<int>(blockIdx.x) < tiles ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    }
+    __device__ __forceinline__ int tile(int i) const {
+        if (!by_kv_head) return blockIdx.x + i * gridDim.x;
+        const int h = blockIdx.x / kBlocksPerKvHead, j = blockIdx.x % kBlocksPerKvHead;
+        constexpr int kQTiles = kQWidth / kTileRows, kKvTiles = BI_KV_HEADS * BI_HEAD_DIM / kTileRows;
+        constexpr int kQPerBlock = BI_Q_HEADS / BI_KV_HEADS * BI_HEAD_DIM / kTileRows / kBlocksPerKvHead;
+        const int per_head = BI_HEAD_DIM / kTileRows;  // tiles of one k or v head
+        if (i < kQPerBlock) return h * kQPerBlock * kBlocksPerKvHead + kQPerBlock * j + i;
+        return kQTiles + (i - kQPerBlock) * kKvTiles + h * per_head + j;  // its k tile, then its v tile
+    }
+};
 
 // The copy warp's queue: tiles go to the copy engine in the order the phases need them, with at
 // most `window` bytes in flight (it waits for the oldest tile to land before going over).
@@ -77,15 +99,15 @@ class CopyQueue {
 
     // This block's tiles of w [n, k] into `dst`, tile i completing bars[i]. Lanes 0..7 each
     // copy one row of a tile.
-    __device__ __forceinline__ void stage(bi_bf16 *dst, const bi_bf16 *w, int n, int k, uint64_t *bars) {
+    __device__ __forceinline__ void stage(bi_bf16 *dst, const bi_bf16 *w, TileMap map, int k, uint64_t *bars) {
         const int lane = threadIdx.x % bi::kWarp;
         const uint32_t row_bytes = k * sizeof(bi_bf16), tile_bytes = kTileRows * row_bytes;
-        for (int i = 0; i < owned_tiles(n); ++i) {
+        for (int i = 0; i < map.count(); ++i) {
             make_room(tile_bytes);
             if (lane == 0) bi::mbarrier_arrive_expect_bytes(&bars[i], tile_bytes);
             __syncwarp();
             if (lane < kTileRows) {
-                const size_t row = static_cast<size_t>(blockIdx.x + i * gridDim.x) * kTileRows + lane;
+                const size_t row = static_cast<size_t>(map.tile(i)) * kTileRows + lane;
                 bi::bulk_copy_to_shared(dst + i * tile_elems(k) + lane * (k + kRowPad), w + row * k, row_bytes, &bars[i], policy_);
             }
             push(&bars[i], tile_bytes);
@@ -186,19 +208,19 @@ __device__ __forceinline__ void load_a(const bi::Activations &act, float eps, ui
 // smem: kReduceFloats + kWarps * kMaxRows floats. Compute warps only.
 template <int K, int Epilogue, bool Norm>
 __device__ __forceinline__ void product(const bi_bf16 *staged, uint64_t *bars, const bi::Activations &act, float eps,
-                                        void *out, int n, float *smem) {
+                                        void *out, TileMap map, float *smem) {
     constexpr int kChunks = K / kWarps / bi::kChunk;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp, g = lane / 4, q = lane % 4, m = act.m;
     uint4 a_lo[kChunks], a_hi[kChunks];
     load_a<K, Norm>(act, eps, a_lo, a_hi, smem + kReduceFloats);
     float *partials = smem;  // [group][kWarps][m][8]
-    const int count = owned_tiles(n), group = kReduceFloats / (kWarps * m * kTileRows);
+    const int n = map.n, count = map.count(), group = kReduceFloats / (kWarps * m * kTileRows);
     // This thread's output pair in a group: tile, row, columns 2 pair, 2 pair + 1.
     const int my_tile = threadIdx.x / (4 * m), my_row = threadIdx.x / 4 % m, my_pair = threadIdx.x % 4;
     for (int first = 0; first < count; first += group) {
         const int tiles = min(group, count - first);
         const bool reducer = my_tile < tiles;
-        const int col = (blockIdx.x + (first + my_tile) * gridDim.x) * kTileRows + 2 * my_pair;
+        const int col = map.tile(first + min(my_tile, tiles - 1)) * kTileRows + 2 * my_pair;
         float2 sum = make_float2(0.0f, 0.0f);
         if constexpr (Epilogue == BI_EPILOGUE_ADD_RESIDUAL)
             if (reducer) sum = *reinterpret_cast<const float2 *>(static_cast<float *>(out) + my_row * n + col);
@@ -248,6 +270,36 @@ __device__ __forceinline__ void grid_barrier(unsigned long long *arrivals) {
     bi::sync_compute_warps();
 }
 
+// Grid barriers per launch: after attention, after o, after gate/up.
+constexpr int kGridBarriers = 3;
+
+// This launch's index among the launches sharing `arrivals` (thread 0, before the block's first
+// barrier): every block of the previous launch has passed its last barrier before this block
+// starts (its SM was busy until then), and this launch's first barrier cannot complete before
+// this block arrives.
+__device__ __forceinline__ unsigned long long launch_index(const unsigned long long *arrivals) {
+    return *reinterpret_cast<const volatile unsigned long long *>(arrivals) / (kGridBarriers * gridDim.x);
+}
+
+// Per kv head h, heads[h] counts the qkv blocks done with it, kBlocksPerKvHead per launch.
+// Signal: the block's qkv results were stored (the block barrier orders them before the add).
+__device__ __forceinline__ void signal_kv_head(unsigned long long *heads) {
+    if (threadIdx.x == 0 && blockIdx.x < kHeadBlocks)
+        asm volatile("red.release.gpu.global.add.u64 [%0], 1;\n" ::"l"(heads + blockIdx.x / kBlocksPerKvHead) : "memory");
+}
+
+// Waits until every qkv block of `kv_head` signalled in launch `launch` (thread 0's value).
+__device__ __forceinline__ void wait_kv_head(const unsigned long long *heads, int kv_head, unsigned long long launch) {
+    if (threadIdx.x == 0) {
+        const unsigned long long target = (launch + 1) * kBlocksPerKvHead;
+        unsigned long long seen;
+        do {
+            asm volatile("ld.acquire.gpu.u64 %0, [%1];\n" : "=l"(seen) : "l"(heads + kv_head) : "memory");
+        } while (seen < target);
+    }
+    bi::sync_compute_warps();
+}
+
 // Qwen3's per-head RMSNorm and rotate-half RoPE of one 128-wide head, by a warp: lane l gets
 // dims 4l..4l+3 (their rotation partners 64 dims away sit in lane l ^ 16).
 __device__ __forceinline__ void norm_rope(float (&out)[4], const float *head, const bi_bf16 *norm, int pos,
@@ -284,9 +336,11 @@ __device__ __forceinline__ Item attention_item(const bi_layer_state &st, int ite
             st.block_tables + static_cast<size_t>(st.row_seq[row]) * st.max_blocks};
 }
 
-// Every item: q/k norm + RoPE, the new K/V into the cache, attention. first: the block's first
-// item, looked up before the grid barrier (positions and block tables do not change in a step).
-__device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state &st, const Item &first, float *smem) {
+// Every item: q/k norm + RoPE, the new K/V into the cache, attention, once the qkv blocks of its
+// kv head are done (wait_heads; launch: launch_index's). first: the block's first item, looked up
+// early (positions and block tables do not change in a step).
+__device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state &st, const Item &first, bool wait_heads,
+                                unsigned long long launch, float *smem) {
     using namespace bi::attn;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const Args args{st.attn, st.partials, st.counters, w.k_cache, w.v_cache};
@@ -301,6 +355,7 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
         const int active = split_range(pos, split, st.splits).active;
         if (split >= active) continue;  // a short context uses fewer ranges
         const Round round0 = first_round(args, table, kv_head, split, st.splits, pos);
+        if (wait_heads) wait_kv_head(st.arrivals + 1, kv_head, launch);
         const float *qkv = st.qkv + static_cast<size_t>(row) * (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
         // Every warp needs both query heads: each computes them (2 KiB from L2), rounded to bf16
         // as the separate kernels store them.
@@ -349,12 +404,12 @@ __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, 
 
     if (warp == kCopyWarp) {  // weights never depend on earlier kernels: no wait
         CopyQueue queue(bi::evict_first_policy(), st.copy_window > 0 ? st.copy_window : kCopyWindow);
-        if (!(skip & BI_SKIP_QKV)) queue.stage(region_a, w.qkv, kQkvRows, BI_HIDDEN, &bars[kQkvBar]);
-        if (!(skip & BI_SKIP_O)) queue.stage(region_b, w.o, BI_HIDDEN, kQWidth, &bars[kOBar]);
-        if (!(skip & BI_SKIP_GATE_UP)) queue.stage(region_c, w.gate_up, 2 * BI_INTERMEDIATE, BI_HIDDEN, &bars[kGateUpBar]);
+        if (!(skip & BI_SKIP_QKV)) queue.stage(region_a, w.qkv, {kQkvRows, true}, BI_HIDDEN, &bars[kQkvBar]);
+        if (!(skip & BI_SKIP_O)) queue.stage(region_b, w.o, {BI_HIDDEN, false}, kQWidth, &bars[kOBar]);
+        if (!(skip & BI_SKIP_GATE_UP)) queue.stage(region_c, w.gate_up, {2 * BI_INTERMEDIATE, false}, BI_HIDDEN, &bars[kGateUpBar]);
         bi::mbarrier_wait(&bars[kRegionAFreeBar], 0);
         bi::fence_proxy_async_shared();  // the compute warps' use of region A comes first
-        if (!(skip & BI_SKIP_DOWN)) queue.stage(region_a, w.down, BI_HIDDEN, BI_INTERMEDIATE, &bars[kDownBar]);
+        if (!(skip & BI_SKIP_DOWN)) queue.stage(region_a, w.down, {BI_HIDDEN, false}, BI_INTERMEDIATE, &bars[kDownBar]);
         if (threadIdx.x % bi::kWarp == 0) bi::prefetch_l2_share(w.next_qkv, w.next_qkv_bytes);
         queue.drain();
         return;
@@ -369,37 +424,39 @@ __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, 
         }
         ++event;
     };
+    const bool sync = !(skip & BI_SKIP_BARRIERS);
     auto barrier = [&] {
-        if (!(skip & BI_SKIP_BARRIERS)) grid_barrier(st.arrivals);
+        if (sync) grid_barrier(st.arrivals);
         stamp();
     };
     stamp();
+    const unsigned long long launch = threadIdx.x == 0 ? launch_index(st.arrivals) : 0;
     bi::wait_for_previous_kernel();
     stamp();
     if (!(skip & BI_SKIP_QKV))
         product<BI_HIDDEN, BI_EPILOGUE_STORE_F32, true>(region_a, &bars[kQkvBar], {st.x, w.input_norm, st.m, BI_HIDDEN},
-                                                        st.eps, st.qkv, kQkvRows, scratch);
-    const Item first_item = static_cast<int>(blockIdx.x) < st.m * BI_KV_HEADS * st.splits ? attention_item(st, blockIdx.x) : Item{};
+                                                        st.eps, st.qkv, {kQkvRows, true}, scratch);
+    if (sync) signal_kv_head(st.arrivals + 1);
     stamp();
-    barrier();
-    if (!(skip & BI_SKIP_ATTENTION)) attention_phase(w, st, first_item, reinterpret_cast<float *>(region_a));
+    const Item first_item = static_cast<int>(blockIdx.x) < st.m * BI_KV_HEADS * st.splits ? attention_item(st, blockIdx.x) : Item{};
+    if (!(skip & BI_SKIP_ATTENTION)) attention_phase(w, st, first_item, sync, launch, reinterpret_cast<float *>(region_a));
     bi::sync_compute_warps();
     if (threadIdx.x == 0) bi::mbarrier_arrive(&bars[kRegionAFreeBar]);  // region A is free
     stamp();
     barrier();
     if (!(skip & BI_SKIP_O))
         product<kQWidth, BI_EPILOGUE_ADD_RESIDUAL, false>(region_b, &bars[kOBar], {st.attn, nullptr, st.m, kQWidth}, st.eps,
-                                                         st.x, BI_HIDDEN, scratch);
+                                                         st.x, {BI_HIDDEN, false}, scratch);
     stamp();
     barrier();
     if (!(skip & BI_SKIP_GATE_UP))
         product<BI_HIDDEN, BI_EPILOGUE_SWIGLU, true>(region_c, &bars[kGateUpBar], {st.x, w.post_norm, st.m, BI_HIDDEN}, st.eps,
-                                                    st.act, 2 * BI_INTERMEDIATE, scratch);
+                                                    st.act, {2 * BI_INTERMEDIATE, false}, scratch);
     stamp();
     barrier();
     if (!(skip & BI_SKIP_DOWN))
         product<BI_INTERMEDIATE, BI_EPILOGUE_ADD_RESIDUAL, false>(region_a, &bars[kDownBar], {st.act, nullptr, st.m, BI_INTERMEDIATE},
-                                                                 st.eps, st.x, BI_HIDDEN, scratch);
+                                                                 st.eps, st.x, {BI_HIDDEN, false}, scratch);
     stamp();
 }
 

@@ -78,3 +78,37 @@ pub fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
     )?;
     Ok(2.0 * BYTES as f64 / (ms * 1e-3))
 }
+
+/// The bf16 tensor-core rate of braidinfer's own tiled product (the prefill kernel) on a
+/// 4096 x 6144 x 1024 problem, in FLOP/s: the compute ceiling the sweep reports against.
+pub fn matrix_rate(gpu: &Gpu) -> Result<f64> {
+    const M: usize = 4096;
+    const N: usize = 6144;
+    const K: usize = 1024;
+    let mut rng = crate::rng::SplitMix64::new(7);
+    let mut random = |len: usize| -> Vec<u16> {
+        (0..len)
+            .map(|_| half::bf16::from_f32(rng.range(-1.0, 1.0)).to_bits())
+            .collect()
+    };
+    let a = gpu.upload(&random(M * K))?;
+    let w = gpu.upload(&random(N * K))?;
+    let mut out = gpu.alloc::<f32>(M * N)?;
+    let ms = Timer::new(gpu)?.median_ms(
+        3,
+        20,
+        &mut out,
+        |_| Ok(()),
+        |out| {
+            crate::gpu::kernels::linear(
+                gpu,
+                out,
+                &a,
+                &w,
+                (M, N, K),
+                crate::gpu::kernels::Epilogue::Store,
+            )
+        },
+    )?;
+    Ok(2.0 * (M * N * K) as f64 / (ms * 1e-3))
+}

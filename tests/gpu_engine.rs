@@ -168,7 +168,7 @@ fn gpu_graph_replay_is_bit_identical_to_eager_launches() {
     };
     let eager = run(&mut engine, false);
     let nodes = engine.capture().unwrap();
-    eprintln!("decode graph: {nodes} kernel nodes");
+    eprintln!("decode graph kernel nodes (batch, nodes): {nodes:?}");
     let replayed = run(&mut engine, true);
     for (step, (a, b)) in eager.iter().zip(&replayed).enumerate() {
         assert!(

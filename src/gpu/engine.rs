@@ -47,6 +47,16 @@ fn decode_splits(batch: usize) -> usize {
     (132 / (8 * batch)).clamp(1, kernels::MAX_SPLITS)
 }
 
+/// Batch sizes a decode step is captured for; a step runs the smallest that covers every live
+/// slot, the rows past the live ones padding (position -1: no KV read or written).
+pub const BUCKETS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+
+fn buckets(max_batch: usize) -> Vec<usize> {
+    let mut sizes: Vec<usize> = BUCKETS.into_iter().filter(|&b| b < max_batch).collect();
+    sizes.push(max_batch);
+    sizes
+}
+
 pub struct Engine {
     forward: Forward, // the GPU, config, weights and block tables [max_batch, max_blocks]
     cache: KvCache,
@@ -57,8 +67,8 @@ pub struct Engine {
     steps: CudaSlice<u32>,                // [max_batch]
     cand_values: CudaSlice<f32>,          // [max_batch, 128, 64]
     cand_ids: CudaSlice<i32>,             // [max_batch, 128, 64]
-    graph: Option<CudaGraph>,
-    slots: Vec<Option<Vec<u32>>>, // KV blocks held by each slot's sequence
+    graphs: Vec<(usize, CudaGraph)>,      // (bucket, its captured step), ascending
+    slots: Vec<Option<Vec<u32>>>,         // KV blocks held by each slot's sequence
     context_limit: usize,
 }
 
@@ -122,7 +132,7 @@ impl Engine {
             steps,
             cand_values,
             cand_ids,
-            graph: None,
+            graphs: Vec::new(),
             slots: vec![None; b],
             context_limit,
         };
@@ -136,11 +146,22 @@ impl Engine {
             .forward
             .gpu
             .write(&mut engine.decode.row_seq, &slot_rows)?;
+        // Every kernel of every bucket once, with no live slot (nothing computed): modules load
+        // lazily, which must not happen inside a capture.
+        for bucket in buckets(b) {
+            engine.run_rows(bucket)?;
+        }
+        engine.forward.gpu.synchronize()?;
         Ok(engine)
     }
 
     pub fn gpu(&self) -> &Gpu {
         &self.forward.gpu
+    }
+
+    /// Sequences decoded together at most (the slots).
+    pub fn max_batch(&self) -> usize {
+        self.slots.len()
     }
 
     /// Most positions (prompt + generated) one sequence can hold.
@@ -260,7 +281,8 @@ impl Engine {
             self.forward
                 .gpu
                 .write(&mut self.prefill.row_seq, &vec![slot as i32; m])?;
-            self.forward.layers(&mut self.prefill, &mut self.cache, m)?;
+            self.forward
+                .layers(&mut self.prefill, &mut self.cache, m, 1)?;
             if let (Some(all), Some(buffer)) = (collected.as_mut(), chunk_logits.as_mut()) {
                 self.forward.logits(&mut self.prefill, 0, m, buffer)?;
                 all.extend_from_slice(&self.forward.gpu.download(buffer)?[..m * v]);
@@ -289,14 +311,29 @@ impl Engine {
         Ok(())
     }
 
-    /// One decode step for every slot, launched kernel by kernel.
-    pub fn step_eager(&mut self) -> Result<()> {
-        let b = self.slots.len();
+    /// Rows a step must cover: up to the last live slot (at least one).
+    fn live_rows(&self) -> usize {
+        self.slots
+            .iter()
+            .rposition(Option::is_some)
+            .map_or(1, |last| last + 1)
+    }
+
+    /// The smallest captured batch size that covers `rows`.
+    fn bucket(&self, rows: usize) -> usize {
+        buckets(self.slots.len())
+            .into_iter()
+            .find(|&b| b >= rows)
+            .unwrap_or(self.slots.len())
+    }
+
+    /// The decode step of the first `rows` slots, kernel by kernel.
+    fn run_rows(&mut self, rows: usize) -> Result<()> {
         let v = self.forward.config.vocab;
         self.forward
-            .decode_layers(&mut self.decode, &mut self.cache, b)?;
+            .decode_layers(&mut self.decode, &mut self.cache, rows, decode_splits(rows))?;
         self.forward
-            .logits(&mut self.decode, 0, b, &mut self.logits)?;
+            .logits(&mut self.decode, 0, rows, &mut self.logits)?;
         let state = SampleState {
             tokens: &mut self.decode.tokens,
             positions: &mut self.decode.positions,
@@ -309,47 +346,65 @@ impl Engine {
             &mut self.cand_ids,
             &self.logits,
             &self.params,
-            b,
+            rows,
             v,
         )
     }
 
-    /// Captures one decode step into a CUDA graph; later `step` calls replay it. Returns the
-    /// number of kernel nodes in the graph.
-    pub fn capture(&mut self) -> Result<usize> {
-        self.graph = None;
-        // Once eagerly first: modules load lazily, which must not happen inside a capture.
-        self.step_eager()?;
-        self.forward.gpu.synchronize()?;
-        self.forward
-            .gpu
-            .stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
-        let captured = self.step_eager();
-        let graph = self
-            .forward
-            .gpu
-            .stream
-            .end_capture(sys::CUgraphInstantiate_flags(0));
-        captured.context("capturing the decode step")?;
-        let graph = graph
-            .context("instantiating the decode graph")?
-            .context("the capture recorded nothing")?;
-        let nodes = graph_node_count(&graph)?;
-        self.graph = Some(graph);
-        Ok(nodes)
+    /// One decode step for every live slot, launched kernel by kernel.
+    pub fn step_eager(&mut self) -> Result<()> {
+        self.run_rows(self.bucket(self.live_rows()))
+    }
+
+    /// Captures the decode step of every bucket into a CUDA graph; later `step` calls replay
+    /// the one that covers the live slots. Returns the kernel-node count of each (bucket, nodes).
+    pub fn capture(&mut self) -> Result<Vec<(usize, usize)>> {
+        self.graphs.clear();
+        let mut counts = Vec::new();
+        for bucket in buckets(self.slots.len()) {
+            let stream = &self.forward.gpu.stream;
+            stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+            let captured = self.run_rows(bucket);
+            let graph = self
+                .forward
+                .gpu
+                .stream
+                .end_capture(sys::CUgraphInstantiate_flags(0));
+            captured.with_context(|| format!("capturing the decode step of batch {bucket}"))?;
+            let graph = graph
+                .context("instantiating the decode graph")?
+                .context("the capture recorded nothing")?;
+            counts.push((bucket, graph_node_count(&graph)?));
+            self.graphs.push((bucket, graph));
+        }
+        Ok(counts)
+    }
+
+    /// One decode step of every live slot: the captured graph of its bucket if any, else kernel
+    /// by kernel.
+    pub fn step(&mut self) -> Result<()> {
+        let bucket = self.bucket(self.live_rows());
+        match self.graphs.iter().find(|(b, _)| *b == bucket) {
+            Some((_, graph)) => graph.launch().context("launching the decode graph"),
+            None => self.step_eager(),
+        }
+    }
+
+    /// The batch size the next step runs (live slots rounded up to a bucket).
+    pub fn step_rows(&self) -> usize {
+        self.bucket(self.live_rows())
     }
 
     /// Benchmarks only: sets the fused layer kernel's timing knobs (which can make the results
     /// wrong) and captures the step again. Returns the graph's kernel-node count.
-    pub fn set_layer_knobs(&mut self, knobs: kernels::LayerKnobs) -> Result<usize> {
+    pub fn set_layer_knobs(&mut self, knobs: kernels::LayerKnobs) -> Result<Vec<(usize, usize)>> {
         self.forward.knobs = knobs;
         self.capture()
     }
 
     /// Diagnostics: from now on every fused layer launch records its blocks' timelines (see
     /// `trace`), and the step is captured again.
-    pub fn trace_layers(&mut self) -> Result<usize> {
+    pub fn trace_layers(&mut self) -> Result<Vec<(usize, usize)>> {
         let sms = self.forward.gpu.multiprocessors()?;
         let len = self.forward.config.layers * sms * kernels::TRACE_EVENTS;
         self.decode.trace = Some(self.forward.gpu.alloc(len)?);
@@ -362,14 +417,6 @@ impl Engine {
         match &self.decode.trace {
             Some(t) => self.forward.gpu.download(t),
             None => Ok(Vec::new()),
-        }
-    }
-
-    /// One decode step: the graph if captured, else kernel by kernel.
-    pub fn step(&mut self) -> Result<()> {
-        match &self.graph {
-            Some(graph) => graph.launch().context("launching the decode graph"),
-            None => self.step_eager(),
         }
     }
 

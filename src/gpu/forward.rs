@@ -19,19 +19,19 @@ use crate::config::ModelConfig;
 /// written before a launch (or by the device sampler); the rest is scratch.
 pub struct StepBuffers {
     pub rows: usize,
-    pub splits: usize,
-    pub tokens: CudaSlice<i32>,    // [rows]
+    pub splits: usize, // attention ranges per row the partials hold (rows x splits in all)
+    pub tokens: CudaSlice<i32>, // [rows]
     pub positions: CudaSlice<i32>, // [rows]; negative: a padding row
-    pub row_seq: CudaSlice<i32>,   // [rows]: the block-table row of each token
-    x: CudaSlice<f32>,             // [rows, 1024] residual stream
-    h: CudaSlice<u16>,             // [rows, 1024] normalized activations (large m only)
-    qkv: CudaSlice<f32>,           // [rows, 4096]
-    q: CudaSlice<u16>,             // [rows, 16, 128]
-    attn: CudaSlice<u16>,          // [rows, 2048]
-    act: CudaSlice<u16>,           // [rows, 3072] SwiGLU output
-    partials: CudaSlice<f32>,      // [rows, 16, splits, 130]
-    counters: CudaSlice<i32>,      // [rows, 8] attention completion counters, kept zero
-    arrivals: CudaSlice<u64>,      // [1] grid-barrier arrivals of the fused layer kernel
+    pub row_seq: CudaSlice<i32>, // [rows]: the block-table row of each token
+    x: CudaSlice<f32>, // [rows, 1024] residual stream
+    h: CudaSlice<u16>, // [rows, 1024] normalized activations (large m only)
+    qkv: CudaSlice<f32>, // [rows, 4096]
+    q: CudaSlice<u16>, // [rows, 16, 128]
+    attn: CudaSlice<u16>, // [rows, 2048]
+    act: CudaSlice<u16>, // [rows, 3072] SwiGLU output
+    partials: CudaSlice<f32>, // [rows, 16, splits, 130]
+    counters: CudaSlice<i32>, // [rows, 8] attention completion counters, kept zero
+    arrivals: CudaSlice<u64>, // [1 + 8] fused layer kernel: grid-barrier arrivals, kv heads done
     /// None, or [layers, SMs, TRACE_EVENTS]: the fused layer launches' timelines.
     pub trace: Option<CudaSlice<u64>>,
 }
@@ -52,7 +52,7 @@ impl StepBuffers {
             act: gpu.alloc(rows * INTERMEDIATE)?,
             partials: gpu.alloc(rows * Q_HEADS * splits * PARTIAL_FLOATS)?,
             counters: gpu.alloc(rows * KV_HEADS)?,
-            arrivals: gpu.alloc(1)?,
+            arrivals: gpu.alloc(1 + KV_HEADS)?,
             trace: None,
         })
     }
@@ -111,9 +111,14 @@ impl Forward {
         bufs: &mut StepBuffers,
         cache: &mut KvCache,
         m: usize,
+        splits: usize,
     ) -> Result<()> {
+        anyhow::ensure!(
+            m * splits <= bufs.rows * bufs.splits,
+            "{m} rows of {splits} attention ranges overflow the partials"
+        );
         if !self.fused_decode || m > DECODE_LAYER_MAX_ROWS {
-            return self.layers(bufs, cache, m);
+            return self.layers(bufs, cache, m, splits);
         }
         let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
         self.embed(bufs, m)?;
@@ -155,7 +160,7 @@ impl Forward {
                 scratch,
                 &rows,
                 &w.rope_inv_freq,
-                bufs.splits,
+                splits,
                 c.rms_eps,
                 self.knobs,
                 trace,
@@ -166,7 +171,13 @@ impl Forward {
 
     /// Embedding and every layer for the first `m` rows, kernel by kernel (prefill); K/V of the
     /// rows go into `cache`, and `bufs.x` ends holding the final residual stream.
-    pub fn layers(&self, bufs: &mut StepBuffers, cache: &mut KvCache, m: usize) -> Result<()> {
+    pub fn layers(
+        &self,
+        bufs: &mut StepBuffers,
+        cache: &mut KvCache,
+        m: usize,
+        splits: usize,
+    ) -> Result<()> {
         let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
         self.embed(bufs, m)?;
         for (i, layer) in w.layers.iter().enumerate() {
@@ -210,7 +221,7 @@ impl Forward {
                 &k,
                 &v,
                 &rows,
-                bufs.splits,
+                splits,
             )?;
             kernels::linear(
                 gpu,

@@ -390,7 +390,7 @@ pub struct DecodeScratch<'a> {
     pub act: &'a mut CudaSlice<u16>,      // [m, 3072]
     pub partials: &'a mut CudaSlice<f32>, // [m, 16, splits, 130]
     pub counters: &'a mut CudaSlice<i32>, // [m, 8]
-    pub arrivals: &'a mut CudaSlice<u64>, // [1] grid-barrier arrivals
+    pub arrivals: &'a mut CudaSlice<u64>, // [1 + 8] grid-barrier arrivals, then kv heads done
 }
 
 /// A whole decoder layer for up to 16 decode rows in one launch (csrc/layer.cu).
@@ -439,7 +439,7 @@ pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
         "partials",
     )?;
     fits(scratch.counters, m * KV_HEADS, "counters")?;
-    fits(scratch.arrivals, 1, "arrivals")?;
+    fits(scratch.arrivals, 1 + KV_HEADS, "arrivals")?;
     fits(rope_inv_freq, HEAD_DIM / 2, "rope_inv_freq")?;
     ensure!(
         cache.k.len() == cache.v.len() && cache.k.len() % (KV_WIDTH * BLOCK_TOKENS) == 0,
