@@ -115,20 +115,20 @@ __device__ __forceinline__ void attend_split(const Args &args, int row, int kv_h
 
     // Running softmax of this warp's positions, per head: max, sum, and this lane's dims.
     float run_max[kGroup] = {-INFINITY, -INFINITY}, run_sum[kGroup] = {}, acc[kGroup][kDims] = {};
-    for (int base = begin + warp * kTokensPerRound; base < end; base += kWarps * kTokensPerRound) {
-        Round kv;
-        if (base == begin + warp * kTokensPerRound) {
-            kv = first;
+    // Rounds are double-buffered: the next round's loads are in flight while this one computes.
+    constexpr int kStride = kWarps * kTokensPerRound;
+    Round kv = first;
 #pragma unroll
-            for (int j = 0; j < kTokensPerRound; ++j)
-                if (min(base + j, end - 1) == pos) {  // written by this step: read it now, from L2
-                    const size_t offset = kv_offset(table[pos / BI_BLOCK_TOKENS], kv_head, pos);  // (L1 may hold the old row)
-                    kv.k[j] = __ldcg(reinterpret_cast<const uint2 *>(args.k_cache + offset));
-                    kv.v[j] = __ldcg(reinterpret_cast<const uint2 *>(args.v_cache + offset));
-                }
-        } else {
-            kv = load_round(args.k_cache, args.v_cache, table[base / BI_BLOCK_TOKENS], kv_head, base, end);
+    for (int j = 0; j < kTokensPerRound; ++j)
+        if (min(begin + warp * kTokensPerRound + j, end - 1) == pos) {  // written by this step: read it now, from L2
+            const size_t offset = kv_offset(table[pos / BI_BLOCK_TOKENS], kv_head, pos);  // (L1 may hold the old row)
+            kv.k[j] = __ldcg(reinterpret_cast<const uint2 *>(args.k_cache + offset));
+            kv.v[j] = __ldcg(reinterpret_cast<const uint2 *>(args.v_cache + offset));
         }
+    for (int base = begin + warp * kTokensPerRound; base < end; base += kStride) {
+        const Round next = base + kStride < end
+                               ? load_round(args.k_cache, args.v_cache, table[(base + kStride) / BI_BLOCK_TOKENS], kv_head, base + kStride, end)
+                               : Round{};
         float k[kTokensPerRound][kDims], v[kTokensPerRound][kDims];
 #pragma unroll
         for (int j = 0; j < kTokensPerRound; ++j) unpack_dims(k[j], kv.k[j]), unpack_dims(v[j], kv.v[j]);
@@ -162,6 +162,7 @@ __device__ __forceinline__ void attend_split(const Args &args, int row, int kv_h
             }
             run_max[h] = new_max;
         }
+        kv = next;
     }
 
     // Merge the warps (one thread per head and dim), then write this range's partial.

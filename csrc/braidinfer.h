@@ -100,8 +100,6 @@ typedef struct {
     const bi_bf16 *down;       /* [1024, 3072] */
     bi_bf16 *k_cache;          /* [blocks, 8, 16, 128]: this layer's */
     bi_bf16 *v_cache;
-    const void *next_qkv;      /* the next layer's qkv, pulled into L2 meanwhile (NULL, 0: none) */
-    size_t next_qkv_bytes;
 } bi_layer_weights;
 
 /* The decode step's state for bi_decode_layer. */
@@ -135,7 +133,7 @@ typedef struct {
 /* Phases of bi_decode_layer a timing run may leave out, to see what each costs. */
 typedef enum {
     BI_SKIP_QKV = 1,       /* the qkv product and its weight copies */
-    BI_SKIP_ATTENTION = 2, /* q/k norm, RoPE, the KV write, attention and its K/V prefetch */
+    BI_SKIP_ATTENTION = 2, /* q/k norm, RoPE, the KV write and attention */
     BI_SKIP_O = 4,
     BI_SKIP_GATE_UP = 8,
     BI_SKIP_DOWN = 16,

@@ -1,5 +1,5 @@
 // Bulk asynchronous copies (the Hopper copy engine, sm_90) from global into shared memory, each
-// group completing a one-shot mbarrier, and the L2 prefetch of address ranges.
+// group completing a one-shot mbarrier.
 #pragma once
 #include "common.cuh"
 
@@ -23,11 +23,6 @@ __device__ __forceinline__ void fence_mbarrier_init() {
 __device__ __forceinline__ void mbarrier_arrive_expect_bytes(uint64_t *bar, uint32_t bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(bar)), "r"(bytes)
                  : "memory");
-}
-
-// This thread's arrival, with no bytes to wait for.
-__device__ __forceinline__ void mbarrier_arrive(uint64_t *bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(bar)) : "memory");
 }
 
 // Waits until the barrier's phase `parity` completed (0 for a barrier used once per launch).
@@ -64,22 +59,6 @@ __device__ __forceinline__ void bulk_copy_to_shared(void *dst, const void *src, 
 // its later bulk copies into the same memory.
 __device__ __forceinline__ void fence_proxy_async_shared() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-// Pulls [p, p + bytes) into L2 (16-byte aligned, bytes a multiple of 16).
-__device__ __forceinline__ void prefetch_l2(const void *p, uint32_t bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-}
-
-// This block's share of [weights, weights + bytes) into L2, by the calling thread: while the
-// grid synchronizes, DRAM streams what a later kernel reads. (nullptr, 0: nothing.)
-__device__ __forceinline__ void prefetch_l2_share(const void *weights, size_t bytes) {
-    if (weights == nullptr) return;
-    const size_t share = (bytes / gridDim.x + 15) / 16 * 16;
-    const size_t begin = blockIdx.x * share;
-    if (begin >= bytes) return;
-    const size_t size = bytes - begin < share ? (bytes - begin + 15) / 16 * 16 : share;
-    prefetch_l2(static_cast<const char *>(weights) + begin, static_cast<uint32_t>(size));
 }
 
 }  // namespace bi

@@ -1,18 +1,42 @@
 // One transformer layer of a decode step in one launch (up to 16 rows, one per sequence).
 //
-// A persistent grid, one 16-warp block per SM, runs the layer's five phases with a grid-wide
-// barrier between dependent ones:
+// A persistent grid, one block per SM (16 compute warps and a copy warp), runs the layer's
+// five phases:
 //   qkv = rmsnorm(x) . Wqkv^T | q/k norm + RoPE, K/V into the cache, attention | x += attn . Wo^T
 //   | act = SwiGLU(rmsnorm(x) . Wgu^T) | x += act . Wdown^T
-// Each block owns tiles of 8 weight rows of every product (tile t goes to block t mod grid).
-// Weights never depend on activations, so the moment the block starts, one warp hands the copy
-// engine every tile of qkv, o and gate/up the block owns (bulk copies into shared memory, one
-// mbarrier per tile), in the order the phases need them, with the L2 prefetch of the block's
-// K/V ranges right after qkv; the down tiles follow into qkv's space once attention is done,
-// then the next layer's qkv is pulled into L2. So DRAM streams the whole layer while the grid
-// waits on barriers and attention, and each product only waits for tiles still in flight. The
-// next layer's blocks start (programmatic dependent launch) as this layer's blocks exit and
-// begin streaming at once; they wait for this layer's results before reading activations.
+// Each block owns tiles of 8 weight rows of every product. Weights never depend on
+// activations, so the moment the block starts, its copy warp hands the copy engine its tiles of
+// qkv, o and gate/up (bulk copies into shared memory, one mbarrier per tile) in the order the
+// phases need them, at most kCopyWindow bytes in flight; the down tile follows into qkv's space
+// once attention is done. DRAM streams the layer while the grid synchronizes, and a product
+// waits only for tiles still in flight. Dependencies: the qkv tiles go to blocks by kv head, and
+// attention of a kv head waits only for its 16 qkv blocks (completion counters); o, gate/up and
+// down each need every block's output before them (grid barriers: one atomic, acquire polls).
+// Between layers, programmatic dependent launch: a block of the next layer starts as soon as
+// this layer's block on its SM exits, and starts streaming before it waits for this layer.
+//
+// Measured on an H200 (benches/decode.rs, batch 1, context 1024, 2026-11-22), in the order
+// tried; tok/s of the whole step:
+//   separate kernels (6 per layer, 172 graph nodes)                                  888
+//   weights in registers per phase, whole-layer L2 prefetch, grid barriers             943
+//   all tiles staged in shared memory by one of the compute warps at the start         824
+//     (issuing ~100 bulk copies took ~6 us, during which no product could start)
+//   a dedicated copy warp with a 48 KiB window                                          992
+//   + release/acquire barrier (no fences), A fragments read once per phase             1,036
+//   + one block barrier per group of tiles instead of per tile; attention reads its
+//     first round of K/V before q, ranges start on cache blocks, merge counter acq_rel   1,082
+//   + attention waits for the qkv blocks of its kv head only (no grid barrier)         1,103
+//   - the next layer's qkv pulled into L2 during this layer: removed, it cost 0.6 us
+//     per layer (0.889 vs 0.908 ms per step)
+//   copy window 16..256 KiB: within 1.5% (16 and 24 KiB best by 0.9%)
+//   tried and reverted: K/V of the first round read into registers before the qkv
+//   barrier (spills under the 96-register cap of 17 warps: 864); all 28 layers in one
+//   launch (an earlier register-based version: 860).
+// The per-block timeline (decode benchmark --trace) shows what is left, per layer (~25.7 us):
+// start and wait for the previous layer ~1.3, qkv ~4.3 (its tiles arriving from DRAM),
+// attention ~7 to the median block and ~12 to the last (a chain of dependent round trips:
+// counters, q, K/V, partials, the merge), three grid barriers ~1.1 each, o ~1.3, gate/up ~2.6,
+// down ~1.3. DRAM needs ~10 us of it.
 #include "attention.cuh"
 #include "bulk_copy.cuh"
 #include "matvec.cuh"
@@ -57,7 +81,14 @@ constexpr int kRegionA = larger(larger(kQkvTiles * tile_elems(BI_HIDDEN) * 2, ti
 constexpr int kRegionB = tile_elems(kQWidth) * 2;
 constexpr int kRegionC = kGateUpTiles * tile_elems(BI_HIDDEN) * 2;
 constexpr int kReduceFloats = 4096;  // partial sums: [tiles][kWarps][rows][8]
-constexpr int kSmemBytes = kRegionA + kRegionB + kRegionC + (kReduceFloats + kWarps * kMaxRows) * 4;
+// The layer's small vectors, staged with the first copies: input and post-attention norms, q and
+// k norms, RoPE frequencies.
+struct Vectors {
+    bi_bf16 input_norm[BI_HIDDEN], post_norm[BI_HIDDEN], q_norm[BI_HEAD_DIM], k_norm[BI_HEAD_DIM];
+    float inv_freq[BI_HEAD_DIM / 2];
+};
+static_assert(sizeof(Vectors) % 16 == 0 && offsetof(Vectors, inv_freq) % 16 == 0, "bulk copies move 16-byte units");
+constexpr int kSmemBytes = kRegionA + kRegionB + kRegionC + (kReduceFloats + kWarps * kMaxRows) * 4 + sizeof(Vectors);
 static_assert(kSmemBytes <= 227 * 1024, "an H100/H200 block has 227 KiB of shared memory");
 
 static_assert(kReduceFloats >= kWarps * kMaxRows * kTileRows, "a group holds at least one tile");
@@ -65,7 +96,10 @@ static_assert(kComputeThreads >= kReduceFloats / kWarps / 2, "a thread per outpu
 
 // mbarriers: one per staged tile, and one the compute warps complete once region A is free.
 constexpr int kQkvBar = 0, kOBar = kQkvTiles, kGateUpBar = kOBar + 1, kDownBar = kGateUpBar + kGateUpTiles,
-              kRegionAFreeBar = kDownBar + 1, kBars = kRegionAFreeBar + 1;
+              kVectorsBar = kDownBar + 1, kBars = kVectorsBar + 1;
+// Named barrier 2: the compute warps arrive once they are done with region A, the copy warp
+// waits there before it copies the down tile over it.
+constexpr int kRegionAFree = 2;
 
 // Which tiles of an n-row matrix this block owns. Strided: blockIdx.x, blockIdx.x + gridDim.x,
 // ... For qkv, by kv head: block 16 h + j (h < 8, j < 16) owns query tiles 32 h + 2 j and
@@ -112,6 +146,17 @@ class CopyQueue {
             }
             push(&bars[i], tile_bytes);
         }
+    }
+
+    // The layer's small vectors, by lane 0.
+    __device__ __forceinline__ void stage_vectors(Vectors &vec, const bi_layer_weights &w, const float *inv_freq, uint64_t *bar) {
+        if (threadIdx.x % bi::kWarp != 0) return;
+        bi::mbarrier_arrive_expect_bytes(bar, sizeof(Vectors));
+        bi::bulk_copy_to_shared(vec.input_norm, w.input_norm, sizeof(vec.input_norm), bar, policy_);
+        bi::bulk_copy_to_shared(vec.post_norm, w.post_norm, sizeof(vec.post_norm), bar, policy_);
+        bi::bulk_copy_to_shared(vec.q_norm, w.q_norm, sizeof(vec.q_norm), bar, policy_);
+        bi::bulk_copy_to_shared(vec.k_norm, w.k_norm, sizeof(vec.k_norm), bar, policy_);
+        bi::bulk_copy_to_shared(vec.inv_freq, inv_freq, sizeof(vec.inv_freq), bar, policy_);
     }
 
     // Waits until every staged tile landed.
@@ -339,8 +384,8 @@ __device__ __forceinline__ Item attention_item(const bi_layer_state &st, int ite
 // Every item: q/k norm + RoPE, the new K/V into the cache, attention, once the qkv blocks of its
 // kv head are done (wait_heads; launch: launch_index's). first: the block's first item, looked up
 // early (positions and block tables do not change in a step).
-__device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state &st, const Item &first, bool wait_heads,
-                                unsigned long long launch, float *smem) {
+__device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state &st, const Vectors &vec, const Item &first,
+                                bool wait_heads, unsigned long long launch, float *smem) {
     using namespace bi::attn;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const Args args{st.attn, st.partials, st.counters, w.k_cache, w.v_cache};
@@ -363,7 +408,7 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
         const float scale = rsqrtf(static_cast<float>(BI_HEAD_DIM)) * kLog2e;
 #pragma unroll
         for (int h = 0; h < kGroup; ++h) {
-            norm_rope(qh[h], qkv + (kv_head * kGroup + h) * BI_HEAD_DIM, w.q_norm, pos, st.rope_inv_freq, st.eps);
+            norm_rope(qh[h], qkv + (kv_head * kGroup + h) * BI_HEAD_DIM, vec.q_norm, pos, vec.inv_freq, st.eps);
 #pragma unroll
             for (int d = 0; d < kDims; ++d) qh[h][d] = bi::bf16_to_f32(bi::f32_to_bf16(qh[h][d])) * scale;
         }
@@ -373,7 +418,7 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
                                  pos % BI_BLOCK_TOKENS) * BI_HEAD_DIM + 4 * lane;
             if (warp == 0) {
                 float k[4];
-                norm_rope(k, qkv + (BI_Q_HEADS + kv_head) * BI_HEAD_DIM, w.k_norm, pos, st.rope_inv_freq, st.eps);
+                norm_rope(k, qkv + (BI_Q_HEADS + kv_head) * BI_HEAD_DIM, vec.k_norm, pos, vec.inv_freq, st.eps);
                 store_bf16x4(w.k_cache + slot, k);
             } else if (warp == 1) {
                 const float4 v4 = *reinterpret_cast<const float4 *>(qkv + (BI_Q_HEADS + BI_KV_HEADS + kv_head) * BI_HEAD_DIM + 4 * lane);
@@ -393,6 +438,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, 
     bi_bf16 *region_a = reinterpret_cast<bi_bf16 *>(smem), *region_b = reinterpret_cast<bi_bf16 *>(smem + kRegionA),
             *region_c = reinterpret_cast<bi_bf16 *>(smem + kRegionA + kRegionB);
     float *scratch = reinterpret_cast<float *>(smem + kRegionA + kRegionB + kRegionC);
+    Vectors &vec = *reinterpret_cast<Vectors *>(scratch + kReduceFloats + kWarps * kMaxRows);
     const int warp = threadIdx.x / bi::kWarp;
     const uint32_t skip = st.skip_phases;
     bi::allow_next_kernel();
@@ -404,13 +450,13 @@ __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, 
 
     if (warp == kCopyWarp) {  // weights never depend on earlier kernels: no wait
         CopyQueue queue(bi::evict_first_policy(), st.copy_window > 0 ? st.copy_window : kCopyWindow);
+        queue.stage_vectors(vec, w, st.rope_inv_freq, &bars[kVectorsBar]);
         if (!(skip & BI_SKIP_QKV)) queue.stage(region_a, w.qkv, {kQkvRows, true}, BI_HIDDEN, &bars[kQkvBar]);
         if (!(skip & BI_SKIP_O)) queue.stage(region_b, w.o, {BI_HIDDEN, false}, kQWidth, &bars[kOBar]);
         if (!(skip & BI_SKIP_GATE_UP)) queue.stage(region_c, w.gate_up, {2 * BI_INTERMEDIATE, false}, BI_HIDDEN, &bars[kGateUpBar]);
-        bi::mbarrier_wait(&bars[kRegionAFreeBar], 0);
+        asm volatile("bar.sync %0, %1;\n" ::"n"(kRegionAFree), "n"(kThreads) : "memory");
         bi::fence_proxy_async_shared();  // the compute warps' use of region A comes first
         if (!(skip & BI_SKIP_DOWN)) queue.stage(region_a, w.down, {BI_HIDDEN, false}, BI_INTERMEDIATE, &bars[kDownBar]);
-        if (threadIdx.x % bi::kWarp == 0) bi::prefetch_l2_share(w.next_qkv, w.next_qkv_bytes);
         queue.drain();
         return;
     }
@@ -432,16 +478,16 @@ __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, 
     stamp();
     const unsigned long long launch = threadIdx.x == 0 ? launch_index(st.arrivals) : 0;
     bi::wait_for_previous_kernel();
+    bi::mbarrier_wait(&bars[kVectorsBar], 0);
     stamp();
     if (!(skip & BI_SKIP_QKV))
-        product<BI_HIDDEN, BI_EPILOGUE_STORE_F32, true>(region_a, &bars[kQkvBar], {st.x, w.input_norm, st.m, BI_HIDDEN},
+        product<BI_HIDDEN, BI_EPILOGUE_STORE_F32, true>(region_a, &bars[kQkvBar], {st.x, vec.input_norm, st.m, BI_HIDDEN},
                                                         st.eps, st.qkv, {kQkvRows, true}, scratch);
     if (sync) signal_kv_head(st.arrivals + 1);
     stamp();
     const Item first_item = static_cast<int>(blockIdx.x) < st.m * BI_KV_HEADS * st.splits ? attention_item(st, blockIdx.x) : Item{};
-    if (!(skip & BI_SKIP_ATTENTION)) attention_phase(w, st, first_item, sync, launch, reinterpret_cast<float *>(region_a));
-    bi::sync_compute_warps();
-    if (threadIdx.x == 0) bi::mbarrier_arrive(&bars[kRegionAFreeBar]);  // region A is free
+    if (!(skip & BI_SKIP_ATTENTION)) attention_phase(w, st, vec, first_item, sync, launch, reinterpret_cast<float *>(region_a));
+    asm volatile("bar.arrive %0, %1;\n" ::"n"(kRegionAFree), "n"(kThreads) : "memory");  // region A is free
     stamp();
     barrier();
     if (!(skip & BI_SKIP_O))
@@ -450,7 +496,7 @@ __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, 
     stamp();
     barrier();
     if (!(skip & BI_SKIP_GATE_UP))
-        product<BI_HIDDEN, BI_EPILOGUE_SWIGLU, true>(region_c, &bars[kGateUpBar], {st.x, w.post_norm, st.m, BI_HIDDEN}, st.eps,
+        product<BI_HIDDEN, BI_EPILOGUE_SWIGLU, true>(region_c, &bars[kGateUpBar], {st.x, vec.post_norm, st.m, BI_HIDDEN}, st.eps,
                                                     st.act, {2 * BI_INTERMEDIATE, false}, scratch);
     stamp();
     barrier();

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One GPU-machine session over the bundle (run from the repository root with dist/ carried):
 # the GPU tests, the transformers parity check, the decode benchmark and a CLI run, each logged
-# under $OUT, with a short summary last. Usage: scripts/device-run.sh [tests|parity|bench|sanitizer|cli]...
+# under $OUT, with a short summary last. Usage: scripts/device-run.sh [tests|parity|bench|sanitizer|cli|sweep]...
 set -uo pipefail
-out=${OUT:-/tmp/braidinfer-out}
-mkdir -p "$out"
+# Logs go to a scratch folder, then into $OUT/logs.tar.gz (the device tool returns few files).
+results=${OUT:-/tmp/braidinfer-out}
+out=$(mktemp -d)
+mkdir -p "$results"
 steps=${*:-tests parity bench cli}
 summary=()
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee "$out/device.txt"
@@ -15,8 +17,10 @@ for step in $steps; do
                summary+=("$(tail -n 1 "$out/tests.txt")") ;;
         parity) PYTHONUNBUFFERED=1 python3 scripts/parity.py --bundle dist --json "$out/parity.json" >"$out/parity.log" 2>&1
                 tail -n 8 "$out/parity.log"; summary+=("$(tail -n 1 "$out/parity.log")") ;;
-        bench) dist/benches/decode --json "$out/decode.json" 2>&1 | tee "$out/decode.txt"
+        bench) dist/benches/decode --json "$out/decode.json" --trace "$out/trace.json" --copy-windows 24,48,96 2>&1 | tee "$out/decode.txt"
                summary+=("$(grep -E '^ *1024 ' "$out/decode.txt" | sed 's/^ */decode ctx /')") ;;
+        sweep) dist/sweep --json "$out/sweep.json" --csv "$out/sweep.csv" --plot "$out/sweep.svg" 2>&1 | tee "$out/sweep.txt"
+               summary+=("sweep: $(grep -cE '^ +[0-9]+ +[0-9]+ ' "$out/sweep.txt") points") ;;
         sanitizer) for tool in memcheck racecheck synccheck; do
                        compute-sanitizer --tool $tool --error-exitcode 9 dist/braidinfer --synthetic --layers 2 \
                            --prompt "Hello there" --max-tokens 4 --temperature 0.7 >"$out/sanitizer-$tool.txt" 2>&1
@@ -27,4 +31,5 @@ for step in $steps; do
     esac
 done
 echo "=== summary"
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+tar czf "$results/logs.tar.gz" -C "$out" .

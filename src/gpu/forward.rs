@@ -133,7 +133,6 @@ impl Forward {
                 post_norm: &layer.post_norm,
                 gate_up: &layer.gate_up,
                 down: &layer.down,
-                next_qkv: w.layers.get(i + 1).map(|next| &next.qkv),
             };
             let scratch = DecodeScratch {
                 x: &mut bufs.x,

@@ -63,16 +63,6 @@ fn dim(value: usize, name: &str) -> Result<i32> {
         .map_err(|_| anyhow::anyhow!("{name} = {value} does not fit the kernel ABI"))
 }
 
-/// The weights of a later kernel, pulled into L2 while this one runs (None: nothing).
-pub type Prefetch<'a> = Option<&'a CudaSlice<u16>>;
-
-fn prefetch_arg(gpu: &Gpu, next: Prefetch<'_>) -> (*const std::ffi::c_void, usize) {
-    match next {
-        Some(weights) => (p(gpu, weights).cast(), weights.num_bytes()),
-        None => (std::ptr::null(), 0),
-    }
-}
-
 fn p<T>(gpu: &Gpu, buffer: &impl DevicePtr<T>) -> *const T {
     buffer.device_ptr(&gpu.stream).0 as *const T
 }
@@ -379,7 +369,6 @@ pub struct DecodeLayer<'a> {
     pub post_norm: &'a CudaSlice<u16>,  // [1024]
     pub gate_up: &'a CudaSlice<u16>,    // [6144, 1024] interleaved
     pub down: &'a CudaSlice<u16>,       // [1024, 3072]
-    pub next_qkv: Prefetch<'a>,
 }
 
 /// The decode step's buffers that `decode_layer` updates or uses as scratch.
@@ -445,7 +434,6 @@ pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
         cache.k.len() == cache.v.len() && cache.k.len() % (KV_WIDTH * BLOCK_TOKENS) == 0,
         "layer cache shape"
     );
-    let (next_qkv, next_qkv_bytes) = prefetch_arg(gpu, layer.next_qkv);
     let weights = ffi::bi_layer_weights {
         input_norm: p(gpu, layer.input_norm),
         qkv: p(gpu, layer.qkv),
@@ -457,8 +445,6 @@ pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
         down: p(gpu, layer.down),
         k_cache: pm(gpu, cache.k),
         v_cache: pm(gpu, cache.v),
-        next_qkv,
-        next_qkv_bytes,
     };
     let state = ffi::bi_layer_state {
         x: pm(gpu, scratch.x),
