@@ -28,7 +28,10 @@
 //   + attention waits for the qkv blocks of its kv head only (no grid barrier)         1,103
 //   - the next layer's qkv pulled into L2 during this layer: removed, it cost 0.6 us
 //     per layer (0.889 vs 0.908 ms per step)
-//   copy window 16..256 KiB: within 1.5% (16 and 24 KiB best by 0.9%)
+//   copy window 16..256 KiB: within 1.5% (16 and 24 KiB best by 0.9%; a later run: 24 KiB
+//   0.903, 48 KiB 0.882, 96 KiB 0.878 ms per step)
+//   a barrier of per-block flags (each block publishes its count, warp 0 polls all 132):
+//   ~3 us per barrier instead of ~1.1 (1,000 tok/s); the single counter stays
 //   tried and reverted: K/V of the first round read into registers before the qkv
 //   barrier (spills under the 96-register cap of 17 warps: 864); all 28 layers in one
 //   launch (an earlier register-based version: 860).
