@@ -30,6 +30,9 @@
 //     per layer (0.889 vs 0.908 ms per step)
 //   copy window 16..256 KiB: within 1.5% (16 and 24 KiB best by 0.9%; a later run: 24 KiB
 //   0.903, 48 KiB 0.882, 96 KiB 0.878 ms per step)
+//   the ranges' merge moved from the last attention block into the o product (each warp
+//   merging its head's partials): o then took ~7 us, every block reading every head's
+//   partials from L2 (~25 MB per layer); 1,020-1,036 tok/s. Reverted.
 //   a barrier of per-block flags (each block publishes its count, warp 0 polls all 132):
 //   ~3 us per barrier instead of ~1.1 (1,000 tok/s); the single counter stays
 //   tried and reverted: K/V of the first round read into registers before the qkv

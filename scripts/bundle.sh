@@ -26,4 +26,8 @@ while read -r kind name exe; do
 done < <(artifacts bench --no-run)
 cp "$shared_model"/{tokenizer.json,tokenizer_config.json,generation_config.json,config.json} dist/qwen3-0.6b/
 cp scripts/gpu-test.sh dist/
+# cargo's errors are hidden above (its JSON goes to the parser): fail loudly on a missing build.
+for needed in dist/braidinfer dist/sweep dist/tests/gpu_engine dist/tests/gpu_kernels dist/benches/decode; do
+    [ -x "$needed" ] || { echo "bundle: $needed was not built (run cargo build --release --all-targets to see why)" >&2; exit 1; }
+done
 du -sh dist

@@ -42,11 +42,46 @@ fn near_tie(logits: &[f32]) -> bool {
 
 #[test]
 fn gpu_engine_matches_the_cpu_reference() {
-    let Some(gpu) = common::gpu_or_skip("gpu_engine_matches_the_cpu_reference") else {
+    // Three prefill chunks; decode with one attention range per row.
+    matches_the_cpu_reference(
+        "gpu_engine_matches_the_cpu_reference",
+        small_real_config(),
+        70,
+        32,
+        30,
+    );
+}
+
+#[test]
+fn gpu_engine_matches_the_cpu_reference_at_long_context() {
+    // Past 1,024 positions the fused layer merges more than 8 attention ranges per row (in
+    // batches, rescaling the running sums). A small vocabulary keeps the CPU reference quick.
+    let config = ModelConfig {
+        vocab: 4096,
+        ..small_real_config()
+    };
+    matches_the_cpu_reference(
+        "gpu_engine_matches_the_cpu_reference_at_long_context",
+        config,
+        1100,
+        512,
+        6,
+    );
+}
+
+/// Prefill of a random prompt in `chunk`-token passes, then `steps` greedy decode steps, each
+/// position's logits against the CPU oracle.
+fn matches_the_cpu_reference(
+    name: &str,
+    config: ModelConfig,
+    prompt_len: usize,
+    chunk: usize,
+    steps: usize,
+) {
+    let Some(gpu) = common::gpu_or_skip(name) else {
         return;
     };
-    let mut rng = common::fresh_rng("gpu_engine_matches_the_cpu_reference");
-    let config = small_real_config();
+    let mut rng = common::fresh_rng(name);
     let weights = synthetic_weights(&config, rng.next_u64());
     // The oracle rounds activations to bf16 where the kernels store them, so what remains is
     // summation order (and the rare bf16 rounding flip it causes).
@@ -57,13 +92,13 @@ fn gpu_engine_matches_the_cpu_reference() {
         &config,
         &weights,
         EngineOptions {
-            prefill_chunk: 32,
+            prefill_chunk: chunk,
             ..Default::default()
         },
     );
-    let prompt = random_prompt(&mut rng, 70, config.vocab); // three prefill chunks
+    let prompt = random_prompt(&mut rng, prompt_len, config.vocab);
     let prompt_logits = engine
-        .start_sequence(0, &prompt, 40, &SamplingParams::greedy(), 0, true)
+        .start_sequence(0, &prompt, steps + 10, &SamplingParams::greedy(), 0, true)
         .unwrap()
         .unwrap();
     let (mut cache, mut f32_cache) = (cpu.new_cache(), f32_cpu.new_cache());
@@ -81,7 +116,7 @@ fn gpu_engine_matches_the_cpu_reference() {
         );
     }
     let mut mismatches = 0;
-    for step in 0..30 {
+    for step in 0..steps {
         let token = engine.gpu().download(engine.tokens()).unwrap()[0] as u32;
         if !near_tie(&reference) {
             assert_eq!(

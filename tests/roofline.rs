@@ -11,7 +11,10 @@ fn flops_count_every_weight_twice_per_row_plus_attention() {
     let weights = 28.0 * 15_728_640.0 + 151_936.0 * 1024.0;
     let attention = |context: f64| 28.0 * 16.0 * 128.0 * 4.0 * (context + 1.0);
     assert_eq!(step_flops(&c, 1, 0), 2.0 * weights + attention(0.0));
-    assert_eq!(step_flops(&c, 3, 511), 3.0 * (2.0 * weights + attention(511.0)));
+    assert_eq!(
+        step_flops(&c, 3, 511),
+        3.0 * (2.0 * weights + attention(511.0))
+    );
 }
 
 #[test]
@@ -19,7 +22,10 @@ fn bytes_are_weights_once_plus_each_sequences_kv() {
     let c = ModelConfig::qwen3_0_6b();
     let kv_per_position = 28.0 * 2.0 * 8.0 * 128.0 * 2.0; // K and V, bf16, every layer
     assert_eq!(step_bytes(&c, 1e9, 1, 100), 1e9 + 102.0 * kv_per_position);
-    assert_eq!(step_bytes(&c, 1e9, 4, 100), 1e9 + 4.0 * 102.0 * kv_per_position);
+    assert_eq!(
+        step_bytes(&c, 1e9, 4, 100),
+        1e9 + 4.0 * 102.0 * kv_per_position
+    );
 }
 
 #[test]
@@ -27,12 +33,24 @@ fn a_point_is_measured_against_the_larger_floor() {
     let c = ModelConfig::qwen3_0_6b();
     let p = Point::new(&c, 1.2e9, 1, 512, 1.0, 4e12, 4e14);
     assert!((p.memory_floor_ms - step_bytes(&c, 1.2e9, 1, 512) / 4e12 * 1e3).abs() < 1e-12);
-    assert!(p.memory_floor_ms > p.compute_floor_ms, "batch 1 is memory-bound");
-    assert!((p.fraction_of_roofline - p.memory_floor_ms).abs() < 1e-12, "1 ms step");
+    assert!(
+        p.memory_floor_ms > p.compute_floor_ms,
+        "batch 1 is memory-bound"
+    );
+    assert!(
+        (p.fraction_of_roofline - p.memory_floor_ms).abs() < 1e-12,
+        "1 ms step"
+    );
     assert!((p.tokens_per_s - 1000.0).abs() < 1e-9);
     let big = Point::new(&c, 1.2e9, 256, 512, 10.0, 4e12, 4e14);
-    assert!((big.fraction_of_roofline - big.memory_floor_ms.max(big.compute_floor_ms) / 10.0).abs() < 1e-12);
-    assert_eq!(p.csv_row().split(',').count(), CSV_HEADER.split(',').count());
+    assert!(
+        (big.fraction_of_roofline - big.memory_floor_ms.max(big.compute_floor_ms) / 10.0).abs()
+            < 1e-12
+    );
+    assert_eq!(
+        p.csv_row().split(',').count(),
+        CSV_HEADER.split(',').count()
+    );
 }
 
 #[test]
@@ -47,7 +65,10 @@ fn the_plot_is_an_svg_with_both_lines_and_other_formats_are_refused() {
     let svg = dir.join("sweep.svg");
     roofline_svg(&svg, "test", &points).unwrap();
     let text = std::fs::read_to_string(&svg).unwrap();
-    assert!(text.starts_with("<svg") || text.contains("<svg"), "an SVG document");
+    assert!(
+        text.starts_with("<svg") || text.contains("<svg"),
+        "an SVG document"
+    );
     assert!(text.contains("measured, context 512") && text.contains("roofline, context 512"));
     let err = roofline_svg(&dir.join("sweep.png"), "test", &points).unwrap_err();
     assert!(format!("{err}").contains(".svg"), "{err}");
