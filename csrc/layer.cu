@@ -26,6 +26,8 @@
 //   + one block barrier per group of tiles instead of per tile; attention reads its
 //     first round of K/V before q, ranges start on cache blocks, merge counter acq_rel   1,082
 //   + attention waits for the qkv blocks of its kv head only (no grid barrier)         1,103
+//   + the layer's norms and RoPE frequencies staged with the first copies; the L2
+//     prefetch below removed (final code; runs on three machines: 1,130 / 1,138 / 1,167) 1,138
 //   - the next layer's qkv pulled into L2 during this layer: removed, it cost 0.6 us
 //     per layer (0.889 vs 0.908 ms per step)
 //   copy window 16..256 KiB: within 1.5% (16 and 24 KiB best by 0.9%; a later run: 24 KiB
@@ -38,11 +40,13 @@
 //   tried and reverted: K/V of the first round read into registers before the qkv
 //   barrier (spills under the 96-register cap of 17 warps: 864); all 28 layers in one
 //   launch (an earlier register-based version: 860).
-// The per-block timeline (decode benchmark --trace) shows what is left, per layer (~25.7 us):
-// start and wait for the previous layer ~1.3, qkv ~4.3 (its tiles arriving from DRAM),
-// attention ~7 to the median block and ~12 to the last (a chain of dependent round trips:
-// counters, q, K/V, partials, the merge), three grid barriers ~1.1 each, o ~1.3, gate/up ~2.6,
-// down ~1.3. DRAM needs ~10 us of it.
+// The per-block timeline (decode benchmark --trace, final code) shows what is left, per layer
+// (24.8 us): start and wait for the previous layer ~1.3; qkv ~4.6 (its 8.4 MB arriving from
+// DRAM after the kernel starts); attention ~6.7 to the median block and ~10.8 to the last (a
+// chain of dependent round trips: the kv-head counter, q, K/V, partials, the last block's
+// merge); three grid barriers ~1.0 each; o ~1.0; gate/up ~2.6; down ~1.3. DRAM needs ~10 us
+// of it. Next: keep DRAM busy across the layer boundary (the next layer's qkv), and shorten the
+// attention chain (fewer dependent round trips, no merge tail).
 #include "attention.cuh"
 #include "bulk_copy.cuh"
 #include "matvec.cuh"
