@@ -6,12 +6,14 @@
 
 pub mod bench;
 pub mod cli;
+pub mod compare;
 pub mod config;
 pub mod generate;
 pub mod gpu;
 pub mod model;
 pub mod model_source;
 pub mod plot;
+pub mod quant;
 pub mod reference;
 pub mod rng;
 pub mod roofline;

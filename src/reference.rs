@@ -5,6 +5,7 @@
 use anyhow::{ensure, Result};
 
 use crate::config::ModelConfig;
+use crate::quant::int8_round_trip;
 use crate::weights::{LayerWeights, ModelWeights};
 
 struct CpuLayer {
@@ -83,6 +84,29 @@ impl CpuModel {
     /// GPU path, whose remaining differences are summation order.
     pub fn with_bf16_activations(mut self) -> Self {
         self.bf16_activations = true;
+        self
+    }
+
+    /// The same model with every linear layer's weights (the LM head included, the embedding
+    /// gather not) through a symmetric per-channel INT8 round trip: what INT8 kernels compute.
+    pub fn with_int8_weights(mut self) -> Self {
+        let (h, c) = (self.config.hidden, &self.config);
+        let (qw, kvw, inter) = (c.q_width(), c.kv_width(), c.intermediate);
+        for l in &mut self.layers {
+            for (w, rows, cols) in [
+                (&mut l.q_proj, qw, h),
+                (&mut l.k_proj, kvw, h),
+                (&mut l.v_proj, kvw, h),
+                (&mut l.o_proj, h, qw),
+                (&mut l.gate_proj, inter, h),
+                (&mut l.up_proj, inter, h),
+                (&mut l.down_proj, h, inter),
+            ] {
+                *w = int8_round_trip(w, rows, cols);
+            }
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        self.lm_head = Some(int8_round_trip(head, c.vocab, h));
         self
     }
 
