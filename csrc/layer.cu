@@ -242,16 +242,10 @@ __device__ __forceinline__ void load_a(const bi::Activations &act, float eps, ui
             for (int from = 0; from < kWarps; ++from) total += sums[from * kMaxRows + g + 8 * h];
             inv_rms[h] = rsqrtf(total / K + eps);
         }
-        auto lo16 = [](uint32_t v) { return __uint_as_float(v << 16); };
-        auto hi16 = [](uint32_t v) { return __uint_as_float(v & 0xffff0000u); };
-        auto pack = [&](const float4 (&v)[2], uint4 w, float s) {
-            return make_uint4(bi::pack_bf16x2(v[0].x * s * lo16(w.x), v[0].y * s * hi16(w.x)),
-                              bi::pack_bf16x2(v[0].z * s * lo16(w.y), v[0].w * s * hi16(w.y)),
-                              bi::pack_bf16x2(v[1].x * s * lo16(w.z), v[1].y * s * hi16(w.z)),
-                              bi::pack_bf16x2(v[1].z * s * lo16(w.w), v[1].w * s * hi16(w.w)));
-        };
 #pragma unroll
-        for (int c = 0; c < kChunks; ++c) lo[c] = pack(x[0][c], norm[c], inv_rms[0]), hi[c] = pack(x[1][c], norm[c], inv_rms[1]);
+        for (int c = 0; c < kChunks; ++c)
+            lo[c] = bi::normalize_pack(x[0][c][0], x[0][c][1], norm[c], inv_rms[0]),
+            hi[c] = bi::normalize_pack(x[1][c][0], x[1][c][1], norm[c], inv_rms[1]);
     }
 }
 

@@ -71,6 +71,14 @@ __device__ __forceinline__ void row_inv_rms(const Activations &act, float eps, f
     }
 }
 
+// Eight consecutive f32 values x0, x1, times s and their bf16 norm weights `w`, as bf16 pairs.
+__device__ __forceinline__ uint4 normalize_pack(float4 x0, float4 x1, uint4 w, float s) {
+    auto lo = [](uint32_t v) { return __uint_as_float(v << 16); };
+    auto hi = [](uint32_t v) { return __uint_as_float(v & 0xffff0000u); };
+    return make_uint4(pack_bf16x2(x0.x * s * lo(w.x), x0.y * s * hi(w.x)), pack_bf16x2(x0.z * s * lo(w.y), x0.w * s * hi(w.y)),
+                      pack_bf16x2(x1.x * s * lo(w.z), x1.y * s * hi(w.z)), pack_bf16x2(x1.z * s * lo(w.w), x1.w * s * hi(w.w)));
+}
+
 // Eight consecutive A values of `row` from column `col`, as bf16 pairs (zeros past m).
 template <bool Norm>
 __device__ __forceinline__ uint4 a_chunk(const Activations &act, int row, int col, const float *inv_rms) {
@@ -81,13 +89,7 @@ __device__ __forceinline__ uint4 a_chunk(const Activations &act, int row, int co
         const float4 *x = reinterpret_cast<const float4 *>(static_cast<const float *>(act.a) + static_cast<size_t>(row) * act.k + col);
         const float4 x0 = x[0], x1 = x[1];
         const uint4 wbits = *reinterpret_cast<const uint4 *>(act.norm + col);
-        const float s = inv_rms[row];
-        auto lo = [](uint32_t v) { return __uint_as_float(v << 16); };
-        auto hi = [](uint32_t v) { return __uint_as_float(v & 0xffff0000u); };
-        return make_uint4(pack_bf16x2(x0.x * s * lo(wbits.x), x0.y * s * hi(wbits.x)),
-                          pack_bf16x2(x0.z * s * lo(wbits.y), x0.w * s * hi(wbits.y)),
-                          pack_bf16x2(x1.x * s * lo(wbits.z), x1.y * s * hi(wbits.z)),
-                          pack_bf16x2(x1.z * s * lo(wbits.w), x1.w * s * hi(wbits.w)));
+        return normalize_pack(x0, x1, wbits, inv_rms[row]);
     }
 }
 
