@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Parser;
 
-use braidinfer::bench::{copy_bandwidth, median, Timer};
+use braidinfer::bench::{copy_bandwidth, decode_step_ms, median};
 use braidinfer::config::ModelConfig;
 use braidinfer::gpu::kernels::{self, LayerKnobs};
 use braidinfer::gpu::kv_cache::bytes_per_position;
@@ -93,15 +93,7 @@ fn run(args: Args) -> Result<()> {
     let mut rows = Vec::new();
     for &context in &args.contexts {
         engine.start_sequence(0, &prompt(context), 8, &SamplingParams::greedy(), 0, false)?;
-        let position = [context as i32];
-        let timer = Timer::new(engine.gpu())?;
-        let ms = timer.median_ms(
-            20,
-            args.runs,
-            &mut engine,
-            |e| e.set_positions(&position),
-            |e| e.step(),
-        )?;
+        let ms = decode_step_ms(&mut engine, &[context as i32], 20, args.runs)?;
         let bytes = roofline::step_bytes(&config, weight_bytes, 1, context);
         let bandwidth = bytes / (ms * 1e-3);
         rows.push(serde_json::json!({
@@ -131,29 +123,14 @@ fn run(args: Args) -> Result<()> {
                 skip_phases: mask,
                 ..Default::default()
             })?;
-            let timer = Timer::new(engine.gpu())?;
-            let ms = timer.median_ms(
-                20,
-                args.runs,
-                &mut engine,
-                |e| e.set_positions(&position),
-                |e| e.step(),
-            )?;
-            breakdown.push((name, ms));
+            breakdown.push((name, decode_step_ms(&mut engine, &position, 20, args.runs)?));
         }
         for &window in &args.copy_windows {
             engine.set_layer_knobs(LayerKnobs {
                 copy_window: window * 1024,
                 ..Default::default()
             })?;
-            let timer = Timer::new(engine.gpu())?;
-            let ms = timer.median_ms(
-                20,
-                args.runs,
-                &mut engine,
-                |e| e.set_positions(&position),
-                |e| e.step(),
-            )?;
+            let ms = decode_step_ms(&mut engine, &position, 20, args.runs)?;
             println!("copy window {window:>4} KiB per block: {ms:.4} ms/step");
         }
         engine.set_layer_knobs(LayerKnobs::default())?;

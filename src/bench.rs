@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
 
-use crate::gpu::Gpu;
+use crate::gpu::{Engine, Gpu};
 
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
@@ -62,6 +62,23 @@ impl Timer {
         }
         Ok(median(&mut times))
     }
+}
+
+/// Median milliseconds of one decode step (graph replay) of the engine's live sequences, with
+/// their positions reset to `positions` before each run so the context stays fixed.
+pub fn decode_step_ms(
+    engine: &mut Engine,
+    positions: &[i32],
+    warmup: usize,
+    runs: usize,
+) -> Result<f64> {
+    Timer::new(engine.gpu())?.median_ms(
+        warmup,
+        runs,
+        engine,
+        |e| e.set_positions(positions),
+        |e| e.step(),
+    )
 }
 
 /// Device-to-device copy bandwidth in bytes per second, counting bytes read plus written.

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use braidinfer::bench::{copy_bandwidth, matrix_rate, Timer};
+use braidinfer::bench::{copy_bandwidth, decode_step_ms, matrix_rate};
 use braidinfer::config::ModelConfig;
 use braidinfer::gpu::kv_cache::bytes_per_position;
 use braidinfer::gpu::{Engine, EngineOptions, Gpu};
@@ -193,14 +193,7 @@ fn measure(
         )?;
     }
     let positions = vec![context as i32; batch];
-    let timer = Timer::new(engine.gpu())?;
-    let step_ms = timer.median_ms(
-        5,
-        runs,
-        engine,
-        |e| e.set_positions(&positions),
-        |e| e.step(),
-    )?;
+    let step_ms = decode_step_ms(engine, &positions, 5, runs)?;
     Ok(Point::new(
         config,
         weight_bytes,
