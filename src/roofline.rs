@@ -6,16 +6,12 @@
 use serde::Serialize;
 
 use crate::config::ModelConfig;
-
-/// K and V bytes of one position in one layer (bf16).
-fn kv_bytes_per_position_layer(config: &ModelConfig) -> f64 {
-    (2 * config.kv_heads * config.head_dim * 2) as f64
-}
+use crate::gpu::kv_cache::bytes_per_position;
 
 /// Bytes one decode step moves: the weights once, each sequence's K/V of positions
 /// 0..=context read, and its new K/V row written.
 pub fn step_bytes(config: &ModelConfig, weight_bytes: f64, batch: usize, context: usize) -> f64 {
-    let per_position = kv_bytes_per_position_layer(config) * config.layers as f64;
+    let per_position = bytes_per_position(config.layers) as f64;
     weight_bytes + batch as f64 * (context + 2) as f64 * per_position
 }
 
