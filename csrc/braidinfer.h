@@ -146,7 +146,8 @@ typedef enum {
 /* One whole decoder layer for m <= 16 decode rows in one launch: the same arithmetic as
  * bi_norm_linear (qkv), bi_qk_norm_rope_cache, bi_attention, bi_linear (o, residual),
  * bi_norm_linear (gate/up, SwiGLU) and bi_linear (down, residual) in sequence, on a persistent
- * grid of one block per SM with grid-wide barriers between the phases. */
+ * grid of one block per SM (attention of a kv head waits for its qkv blocks; grid-wide barriers
+ * before o, gate/up and down). */
 cudaError_t bi_decode_layer(const bi_layer_weights *weights, const bi_layer_state *state, cudaStream_t stream);
 
 /* Sampling parameters of one sequence (temperature 0 or top_k 1: greedy). */
