@@ -19,6 +19,7 @@ use braidinfer::config::ModelConfig;
 use braidinfer::gpu::kernels::{self, LayerKnobs};
 use braidinfer::gpu::kv_cache::bytes_per_position;
 use braidinfer::gpu::{Engine, EngineOptions, Gpu};
+use braidinfer::quant::Quant;
 use braidinfer::rng::SplitMix64;
 use braidinfer::roofline;
 use braidinfer::sampling::SamplingParams;
@@ -44,6 +45,9 @@ struct Args {
     trace: Option<std::path::PathBuf>,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Weights of the linear layers and the LM head.
+    #[arg(long, value_enum, default_value_t = Quant::Bf16)]
+    quant: Quant,
     /// Ignored: cargo bench passes it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -78,6 +82,7 @@ fn run(args: Args) -> Result<()> {
         + 16;
     let options = EngineOptions {
         kv_cache_bytes: Some(longest * bytes_per_position(config.layers)),
+        quant: args.quant,
         ..Default::default()
     };
     let mut engine = Engine::new(gpu, &config, &weights, &options)?;
@@ -158,7 +163,11 @@ fn run(args: Args) -> Result<()> {
     }
     let prefill_s = median(&mut prefill_times);
 
-    println!("device: {device}; copy bandwidth {:.0} GB/s (read + write); decode graph {nodes} kernel nodes", copy / 1e9);
+    println!(
+        "device: {device}; {} weights; copy bandwidth {:.0} GB/s (read + write); decode graph {nodes} kernel nodes",
+        args.quant,
+        copy / 1e9
+    );
     println!("weights streamed per step: {:.1} MB", weight_bytes / 1e6);
     println!(
         "{:>8} {:>10} {:>10} {:>12} {:>10} {:>8}",
@@ -197,7 +206,7 @@ fn run(args: Args) -> Result<()> {
     );
     if let Some(path) = args.json {
         let report = serde_json::json!({
-            "device": device, "copy_bandwidth_gb_s": copy / 1e9, "graph_kernel_nodes": nodes,
+            "device": device, "quant": args.quant, "copy_bandwidth_gb_s": copy / 1e9, "graph_kernel_nodes": nodes,
             "weight_bytes_per_step": weight_bytes, "decode": rows,
             "phase_breakdown": {"context": args.breakdown_context, "step_ms_without": breakdown.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>()},
             "prefill": {"tokens": args.prefill_tokens, "seconds": prefill_s, "tokens_per_s": args.prefill_tokens as f64 / prefill_s},

@@ -10,8 +10,8 @@ use cudarc::driver::{sys, CudaSlice};
 
 use braidinfer::bench::{copy_bandwidth, Timer};
 use braidinfer::gpu::kernels::{
-    self, Epilogue, LayerCache, NormEpilogue, Rows, HIDDEN, INTERMEDIATE, KV_WIDTH, QKV_WIDTH,
-    Q_WIDTH,
+    self, Epilogue, LayerCache, MatrixRef, NormEpilogue, Rows, HIDDEN, INTERMEDIATE, KV_WIDTH,
+    QKV_WIDTH, Q_WIDTH,
 };
 use braidinfer::gpu::Gpu;
 use braidinfer::rng::SplitMix64;
@@ -119,7 +119,7 @@ fn main() -> Result<()> {
                 &x,
                 &norm,
                 1e-6,
-                &qkv[i],
+                MatrixRef::Bf16(&qkv[i]),
                 &mut scratch,
                 (1, QKV_WIDTH, HIDDEN),
                 NormEpilogue::Store,
@@ -177,7 +177,7 @@ fn main() -> Result<()> {
                 &gpu,
                 &mut residual,
                 &attn,
-                &o[i],
+                MatrixRef::Bf16(&o[i]),
                 (1, HIDDEN, Q_WIDTH),
                 Epilogue::AddResidual,
             )
@@ -193,7 +193,7 @@ fn main() -> Result<()> {
                 &x,
                 &norm,
                 1e-6,
-                &gate_up[i],
+                MatrixRef::Bf16(&gate_up[i]),
                 &mut scratch,
                 (1, 2 * INTERMEDIATE, HIDDEN),
                 NormEpilogue::SwiGlu,
@@ -208,7 +208,7 @@ fn main() -> Result<()> {
                 &gpu,
                 &mut residual,
                 &act,
-                &down[i],
+                MatrixRef::Bf16(&down[i]),
                 (1, HIDDEN, INTERMEDIATE),
                 Epilogue::AddResidual,
             )
@@ -221,7 +221,33 @@ fn main() -> Result<()> {
             &x,
             &norm,
             1e-6,
-            &lm_head,
+            MatrixRef::Bf16(&lm_head),
+            &mut scratch,
+            (1, 151_936, HIDDEN),
+            NormEpilogue::Store,
+        )
+    })?;
+    let mut head_values = gpu.alloc::<i8>(151_936 * HIDDEN)?;
+    let mut head_scales = gpu.alloc::<f32>(151_936)?;
+    kernels::quantize_int8(
+        &gpu,
+        &mut head_values,
+        &mut head_scales,
+        &lm_head,
+        151_936,
+        HIDDEN,
+    )?;
+    let head_int8_us = graph_us(&gpu, 1, |_| {
+        kernels::norm_linear(
+            &gpu,
+            &mut logits,
+            &x,
+            &norm,
+            1e-6,
+            MatrixRef::Int8 {
+                values: &head_values,
+                scales: &head_scales,
+            },
             &mut scratch,
             (1, 151_936, HIDDEN),
             NormEpilogue::Store,
@@ -246,12 +272,24 @@ fn main() -> Result<()> {
             100.0 * gbs * 1e9 / copy
         );
     }
-    let head_gbs = (151_936 * HIDDEN * 2) as f64 / (head_us * 1e-6) / 1e9;
-    println!(
-        "{:<44} {head_us:>10.2} {head_gbs:>10.0} {:>8.1}%",
-        "lm head: rmsnorm + [151936 x 1024]",
-        100.0 * head_gbs * 1e9 / copy
-    );
+    for (name, bytes, us) in [
+        (
+            "lm head: rmsnorm + [151936 x 1024]",
+            151_936 * HIDDEN * 2,
+            head_us,
+        ),
+        (
+            "lm head, int8 weights",
+            151_936 * (HIDDEN + 4),
+            head_int8_us,
+        ),
+    ] {
+        let gbs = bytes as f64 / (us * 1e-6) / 1e9;
+        println!(
+            "{name:<44} {us:>10.2} {gbs:>10.0} {:>8.1}%",
+            100.0 * gbs * 1e9 / copy
+        );
+    }
     println!(
         "one layer: {layer_total:.2} us; 28 layers + lm head: {:.1} us",
         layer_total * LAYERS as f64 + head_us

@@ -51,15 +51,29 @@ typedef enum {
     BI_EPILOGUE_SWIGLU = 2,       /* out bf16 [m, n/2]: silu(acc[:, 2i]) * acc[:, 2i+1] (w rows interleave gate/up) */
 } bi_epilogue;
 
+/* A weight matrix [n, k]: bf16 values, or (scales not NULL) INT8 values with one f32 scale per
+ * row, row r standing for values[r, :] * scales[r]. Products read INT8 rows, convert them to
+ * bf16 exactly in registers, accumulate in f32 and scale the row's sum. */
+typedef struct {
+    const void *values;  /* [n, k] bf16 or int8 */
+    const float *scales; /* NULL (bf16), or [n] */
+} bi_matrix;
+
+/* values[r, :] = clamp(round(w[r, :] / scales[r]), -127, 127), scales[r] = absmax(w[r, :]) / 127
+ * (f32, IEEE division, round half away from zero: bit-identical to src/quant.rs); a zero row gets
+ * scale 0 and zero values. values: [n, k] int8; scales: [n] f32; w: [n, k] bf16. */
+cudaError_t bi_quantize_int8(int8_t *values, float *scales, const bi_bf16 *w, int n, int k,
+                             cudaStream_t stream);
+
 /* out = a . w^T on tensor cores with f32 accumulation, then the epilogue.
- * a: [m, k] bf16; w: [n, k] bf16. k must be a multiple of 512 (of 128 when n > 8192), n of 16
+ * a: [m, k] bf16; w: [n, k]. k must be a multiple of 512 (of 128 when n > 8192), n of 16
  * (of 128 when m > 64). */
-cudaError_t bi_linear(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, int n, int k,
+cudaError_t bi_linear(void *out, const bi_bf16 *a, bi_matrix w, int m, int n, int k,
                       bi_epilogue epilogue, cudaStream_t stream);
 
 /* The same with RMSNorm fused in front: a = bf16(x / rms(x) * norm), x: [m, k] f32 (the
  * residual stream), norm: [k] bf16. scratch: [m, k] bf16, used when m > 64. */
-cudaError_t bi_norm_linear(void *out, const float *x, const bi_bf16 *norm, float eps, const bi_bf16 *w,
+cudaError_t bi_norm_linear(void *out, const float *x, const bi_bf16 *norm, float eps, bi_matrix w,
                            bi_bf16 *scratch, int m, int n, int k, bi_epilogue epilogue,
                            cudaStream_t stream);
 
@@ -88,16 +102,17 @@ cudaError_t bi_attention(bi_bf16 *out, float *partials, int32_t *counters, const
                          const int32_t *block_tables, int m, int max_blocks, int splits,
                          cudaStream_t stream);
 
-/* One decoder layer's weights for bi_decode_layer (Qwen3-0.6B shapes, bf16). */
+/* One decoder layer's weights for bi_decode_layer (Qwen3-0.6B shapes; the four matrices all
+ * bf16 or all INT8). */
 typedef struct {
     const bi_bf16 *input_norm; /* [1024] */
-    const bi_bf16 *qkv;        /* [4096, 1024]: q 2048 rows | k 1024 | v 1024 */
+    bi_matrix qkv;             /* [4096, 1024]: q 2048 rows | k 1024 | v 1024 */
     const bi_bf16 *q_norm;     /* [128] */
     const bi_bf16 *k_norm;     /* [128] */
-    const bi_bf16 *o;          /* [1024, 2048] */
+    bi_matrix o;               /* [1024, 2048] */
     const bi_bf16 *post_norm;  /* [1024] */
-    const bi_bf16 *gate_up;    /* [6144, 1024], gate and up rows interleaved */
-    const bi_bf16 *down;       /* [1024, 3072] */
+    bi_matrix gate_up;         /* [6144, 1024], gate and up rows interleaved */
+    bi_matrix down;            /* [1024, 3072] */
     bi_bf16 *k_cache;          /* [blocks, 8, 16, 128]: this layer's */
     bi_bf16 *v_cache;
 } bi_layer_weights;

@@ -71,7 +71,7 @@ static_assert(bi::attn::kWarps == kWarps, "the attention core runs on the same 1
 constexpr int kQkvRows = (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
 constexpr int kQWidth = BI_Q_HEADS * BI_HEAD_DIM;
 
-// Shared-memory elements of one staged tile of a [n, k] matrix.
+// Shared-memory elements of one staged tile of a [n, k] matrix (bf16 or INT8 weights).
 constexpr int tile_elems(int k) { return kTileRows * (k + kRowPad); }
 // The most tiles of an n-row matrix a block owns on the smallest grid.
 constexpr int max_tiles(int n) { return (n / kTileRows + BI_FUSED_DECODE_MIN_SMS - 1) / BI_FUSED_DECODE_MIN_SMS; }
@@ -82,14 +82,10 @@ static_assert(kQkvRows / kTileRows == kHeadBlocks * 4, "four qkv tiles per produ
 constexpr int kQkvTiles = max_tiles(kQkvRows), kGateUpTiles = max_tiles(2 * BI_INTERMEDIATE), kNarrowTiles = max_tiles(BI_HIDDEN);
 static_assert(kNarrowTiles == 1, "o and down: at most one tile per block");
 
-// Dynamic shared memory, in bytes: region A holds the qkv tiles, then the attention scratch,
-// then the down tile; B the o tile; C the gate/up tiles; then the products' partial sums and
-// the warps' sums of squares of the rows.
+// Dynamic shared memory, in bytes, for weights of type W: region A holds the qkv tiles, then the
+// attention scratch, then the down tile; B the o tile; C the gate/up tiles; then the products'
+// partial sums, the warps' sums of squares of the rows and the layer's vectors.
 constexpr int larger(int a, int b) { return a > b ? a : b; }
-constexpr int kRegionA = larger(larger(kQkvTiles * tile_elems(BI_HIDDEN) * 2, tile_elems(BI_INTERMEDIATE) * 2),
-                                bi::attn::kSmemFloats * 4);
-constexpr int kRegionB = tile_elems(kQWidth) * 2;
-constexpr int kRegionC = kGateUpTiles * tile_elems(BI_HIDDEN) * 2;
 constexpr int kReduceFloats = 4096;  // partial sums: [tiles][kWarps][rows][8]
 // The layer's small vectors, staged with the first copies: input and post-attention norms, q and
 // k norms, RoPE frequencies.
@@ -98,8 +94,16 @@ struct Vectors {
     float inv_freq[BI_HEAD_DIM / 2];
 };
 static_assert(sizeof(Vectors) % 16 == 0 && offsetof(Vectors, inv_freq) % 16 == 0, "bulk copies move 16-byte units");
-constexpr int kSmemBytes = kRegionA + kRegionB + kRegionC + (kReduceFloats + kWarps * kMaxRows) * 4 + sizeof(Vectors);
-static_assert(kSmemBytes <= 227 * 1024, "an H100/H200 block has 227 KiB of shared memory");
+template <typename W>
+struct Layout {
+    static constexpr int kRegionA = larger(larger(kQkvTiles * tile_elems(BI_HIDDEN), tile_elems(BI_INTERMEDIATE)) * sizeof(W),
+                                           bi::attn::kSmemFloats * 4);
+    static constexpr int kRegionB = tile_elems(kQWidth) * sizeof(W);
+    static constexpr int kRegionC = kGateUpTiles * tile_elems(BI_HIDDEN) * sizeof(W);
+    static constexpr int kBytes = kRegionA + kRegionB + kRegionC + (kReduceFloats + kWarps * kMaxRows) * 4 + sizeof(Vectors);
+    static_assert(kBytes <= 227 * 1024, "an H100/H200 block has 227 KiB of shared memory");
+    static_assert(kRegionA % 16 == 0 && kRegionB % 16 == 0 && kRegionC % 16 == 0, "bulk copies land on 16-byte boundaries");
+};
 
 static_assert(kReduceFloats >= kWarps * kMaxRows * kTileRows, "a group holds at least one tile");
 static_assert(kComputeThreads >= kReduceFloats / kWarps / 2, "a thread per output pair of a group");
@@ -143,9 +147,10 @@ class CopyQueue {
 
     // This block's tiles of w [n, k] into `dst`, tile i completing bars[i]. Lanes 0..7 each
     // copy one row of a tile.
-    __device__ __forceinline__ void stage(bi_bf16 *dst, const bi_bf16 *w, TileMap map, int k, uint64_t *bars) {
+    template <typename W>
+    __device__ __forceinline__ void stage(W *dst, const W *w, TileMap map, int k, uint64_t *bars) {
         const int lane = threadIdx.x % bi::kWarp;
-        const uint32_t row_bytes = k * sizeof(bi_bf16), tile_bytes = kTileRows * row_bytes;
+        const uint32_t row_bytes = k * sizeof(W), tile_bytes = kTileRows * row_bytes;
         for (int i = 0; i < map.count(); ++i) {
             make_room(tile_bytes);
             if (lane == 0) bi::mbarrier_arrive_expect_bytes(&bars[i], tile_bytes);
@@ -253,11 +258,11 @@ __device__ __forceinline__ void load_a(const bi::Activations &act, float eps, ui
 // multiplies columns [w K / 16, (w + 1) K / 16) of every tile as it lands (its A fragments
 // loaded once, before the first tile) and leaves its partial sums in shared memory; once a group
 // of tiles is done (all of them unless m is large), one block barrier, then thread t sums one
-// output pair over the 16 warps (an added residual is read before the tiles land).
-// smem: kReduceFloats + kWarps * kMaxRows floats. Compute warps only.
-template <int K, int Epilogue, bool Norm>
-__device__ __forceinline__ void product(const bi_bf16 *staged, uint64_t *bars, const bi::Activations &act, float eps,
-                                        void *out, TileMap map, float *smem) {
+// output pair over the 16 warps and scales it (INT8 rows; the scales and an added residual are
+// read before the tiles land). smem: kReduceFloats + kWarps * kMaxRows floats. Compute warps only.
+template <int K, int Epilogue, bool Norm, typename W>
+__device__ __forceinline__ void product(const W *staged, const float *scales, uint64_t *bars, const bi::Activations &act,
+                                        float eps, void *out, TileMap map, float *smem) {
     constexpr int kChunks = K / kWarps / bi::kChunk;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp, g = lane / 4, q = lane % 4, m = act.m;
     uint4 a_lo[kChunks], a_hi[kChunks];
@@ -270,16 +275,19 @@ __device__ __forceinline__ void product(const bi_bf16 *staged, uint64_t *bars, c
         const int tiles = min(group, count - first);
         const bool reducer = my_tile < tiles;
         const int col = map.tile(first + min(my_tile, tiles - 1)) * kTileRows + 2 * my_pair;
-        float2 sum = make_float2(0.0f, 0.0f);
-        if constexpr (Epilogue == BI_EPILOGUE_ADD_RESIDUAL)
-            if (reducer) sum = *reinterpret_cast<const float2 *>(static_cast<float *>(out) + my_row * n + col);
+        float2 residual = make_float2(0.0f, 0.0f), scale = make_float2(1.0f, 1.0f);
+        if (reducer) {
+            if constexpr (Epilogue == BI_EPILOGUE_ADD_RESIDUAL)
+                residual = *reinterpret_cast<const float2 *>(static_cast<float *>(out) + my_row * n + col);
+            scale = bi::column_scales<W>(scales, col);
+        }
         for (int i = 0; i < tiles; ++i) {
             bi::mbarrier_wait(&bars[first + i], 0);
-            const bi_bf16 *w = staged + (first + i) * tile_elems(K) + g * (K + kRowPad) + warp * (K / kWarps) + 8 * q;
+            const W *w = staged + (first + i) * tile_elems(K) + g * (K + kRowPad) + warp * (K / kWarps) + 8 * q;
             float acc[4] = {};
 #pragma unroll
             for (int c = 0; c < kChunks; ++c) {
-                const uint4 b = *reinterpret_cast<const uint4 *>(w + c * bi::kChunk);
+                const uint4 b = bi::staged_chunk(w + c * bi::kChunk);
                 bi::mma_bf16(acc, a_lo[c].x, a_hi[c].x, a_lo[c].y, a_hi[c].y, b.x, b.y);
                 bi::mma_bf16(acc, a_lo[c].z, a_hi[c].z, a_lo[c].w, a_hi[c].w, b.z, b.w);
             }
@@ -289,6 +297,7 @@ __device__ __forceinline__ void product(const bi_bf16 *staged, uint64_t *bars, c
         }
         bi::sync_compute_warps();
         if (reducer) {
+            float2 sum = make_float2(0.0f, 0.0f);
 #pragma unroll
             for (int from = 0; from < kWarps; ++from) {
                 const float2 p =
@@ -296,7 +305,7 @@ __device__ __forceinline__ void product(const bi_bf16 *staged, uint64_t *bars, c
                 sum.x += p.x, sum.y += p.y;
             }
             constexpr int kStore = Epilogue == BI_EPILOGUE_ADD_RESIDUAL ? BI_EPILOGUE_STORE_F32 : Epilogue;
-            bi::store_pair<kStore>(out, n, my_row, col, sum.x, sum.y);
+            bi::store_pair<kStore>(out, n, my_row, col, residual.x + sum.x * scale.x, residual.y + sum.y * scale.y);
         }
         bi::sync_compute_warps();  // the partials are reused by the next group or phase
     }
@@ -436,12 +445,16 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
     }
 }
 
+// One launch per layer; W: the matrices' element type (bi_bf16, or int8_t with row scales).
+template <typename W>
 __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, bi_layer_state st) {
+    using L = Layout<W>;
     extern __shared__ __align__(128) unsigned char smem[];
     __shared__ uint64_t bars[kBars];
-    bi_bf16 *region_a = reinterpret_cast<bi_bf16 *>(smem), *region_b = reinterpret_cast<bi_bf16 *>(smem + kRegionA),
-            *region_c = reinterpret_cast<bi_bf16 *>(smem + kRegionA + kRegionB);
-    float *scratch = reinterpret_cast<float *>(smem + kRegionA + kRegionB + kRegionC);
+    W *region_a = reinterpret_cast<W *>(smem), *region_b = reinterpret_cast<W *>(smem + L::kRegionA),
+      *region_c = reinterpret_cast<W *>(smem + L::kRegionA + L::kRegionB);
+    float *scratch = reinterpret_cast<float *>(smem + L::kRegionA + L::kRegionB + L::kRegionC);
+    auto values = [](const bi_matrix &matrix) { return static_cast<const W *>(matrix.values); };
     Vectors &vec = *reinterpret_cast<Vectors *>(scratch + kReduceFloats + kWarps * kMaxRows);
     const int warp = threadIdx.x / bi::kWarp;
     const uint32_t skip = st.skip_phases;
@@ -455,12 +468,13 @@ __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, 
     if (warp == kCopyWarp) {  // weights never depend on earlier kernels: no wait
         CopyQueue queue(bi::evict_first_policy(), st.copy_window > 0 ? st.copy_window : kCopyWindow);
         queue.stage_vectors(vec, w, st.rope_inv_freq, &bars[kVectorsBar]);
-        if (!(skip & BI_SKIP_QKV)) queue.stage(region_a, w.qkv, {kQkvRows, true}, BI_HIDDEN, &bars[kQkvBar]);
-        if (!(skip & BI_SKIP_O)) queue.stage(region_b, w.o, {BI_HIDDEN, false}, kQWidth, &bars[kOBar]);
-        if (!(skip & BI_SKIP_GATE_UP)) queue.stage(region_c, w.gate_up, {2 * BI_INTERMEDIATE, false}, BI_HIDDEN, &bars[kGateUpBar]);
+        if (!(skip & BI_SKIP_QKV)) queue.stage(region_a, values(w.qkv), {kQkvRows, true}, BI_HIDDEN, &bars[kQkvBar]);
+        if (!(skip & BI_SKIP_O)) queue.stage(region_b, values(w.o), {BI_HIDDEN, false}, kQWidth, &bars[kOBar]);
+        if (!(skip & BI_SKIP_GATE_UP))
+            queue.stage(region_c, values(w.gate_up), {2 * BI_INTERMEDIATE, false}, BI_HIDDEN, &bars[kGateUpBar]);
         asm volatile("bar.sync %0, %1;\n" ::"n"(kRegionAFree), "n"(kThreads) : "memory");
         bi::fence_proxy_async_shared();  // the compute warps' use of region A comes first
-        if (!(skip & BI_SKIP_DOWN)) queue.stage(region_a, w.down, {BI_HIDDEN, false}, BI_INTERMEDIATE, &bars[kDownBar]);
+        if (!(skip & BI_SKIP_DOWN)) queue.stage(region_a, values(w.down), {BI_HIDDEN, false}, BI_INTERMEDIATE, &bars[kDownBar]);
         queue.drain();
         return;
     }
@@ -485,8 +499,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, 
     bi::mbarrier_wait(&bars[kVectorsBar], 0);
     stamp();
     if (!(skip & BI_SKIP_QKV))
-        product<BI_HIDDEN, BI_EPILOGUE_STORE_F32, true>(region_a, &bars[kQkvBar], {st.x, vec.input_norm, st.m, BI_HIDDEN},
-                                                        st.eps, st.qkv, {kQkvRows, true}, scratch);
+        product<BI_HIDDEN, BI_EPILOGUE_STORE_F32, true>(region_a, w.qkv.scales, &bars[kQkvBar],
+                                                        {st.x, vec.input_norm, st.m, BI_HIDDEN}, st.eps, st.qkv,
+                                                        {kQkvRows, true}, scratch);
     if (sync) signal_kv_head(st.arrivals + 1);
     stamp();
     const Item first_item = static_cast<int>(blockIdx.x) < st.m * BI_KV_HEADS * st.splits ? attention_item(st, blockIdx.x) : Item{};
@@ -495,18 +510,20 @@ __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, 
     stamp();
     barrier();
     if (!(skip & BI_SKIP_O))
-        product<kQWidth, BI_EPILOGUE_ADD_RESIDUAL, false>(region_b, &bars[kOBar], {st.attn, nullptr, st.m, kQWidth}, st.eps,
-                                                         st.x, {BI_HIDDEN, false}, scratch);
+        product<kQWidth, BI_EPILOGUE_ADD_RESIDUAL, false>(region_b, w.o.scales, &bars[kOBar], {st.attn, nullptr, st.m, kQWidth},
+                                                         st.eps, st.x, {BI_HIDDEN, false}, scratch);
     stamp();
     barrier();
     if (!(skip & BI_SKIP_GATE_UP))
-        product<BI_HIDDEN, BI_EPILOGUE_SWIGLU, true>(region_c, &bars[kGateUpBar], {st.x, vec.post_norm, st.m, BI_HIDDEN}, st.eps,
-                                                    st.act, {2 * BI_INTERMEDIATE, false}, scratch);
+        product<BI_HIDDEN, BI_EPILOGUE_SWIGLU, true>(region_c, w.gate_up.scales, &bars[kGateUpBar],
+                                                    {st.x, vec.post_norm, st.m, BI_HIDDEN}, st.eps, st.act,
+                                                    {2 * BI_INTERMEDIATE, false}, scratch);
     stamp();
     barrier();
     if (!(skip & BI_SKIP_DOWN))
-        product<BI_INTERMEDIATE, BI_EPILOGUE_ADD_RESIDUAL, false>(region_a, &bars[kDownBar], {st.act, nullptr, st.m, BI_INTERMEDIATE},
-                                                                 st.eps, st.x, {BI_HIDDEN, false}, scratch);
+        product<BI_INTERMEDIATE, BI_EPILOGUE_ADD_RESIDUAL, false>(region_a, w.down.scales, &bars[kDownBar],
+                                                                 {st.act, nullptr, st.m, BI_INTERMEDIATE}, st.eps, st.x,
+                                                                 {BI_HIDDEN, false}, scratch);
     stamp();
 }
 
@@ -521,7 +538,13 @@ extern "C" cudaError_t bi_decode_layer(const bi_layer_weights *weights, const bi
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (e != cudaSuccess) return e;
     if (sms < BI_FUSED_DECODE_MIN_SMS) return cudaErrorInvalidConfiguration;
-    e = cudaFuncSetAttribute(layer_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (e != cudaSuccess) return e;
-    return bi::launch(layer_kernel, dim3(sms), dim3(kThreads), kSmemBytes, stream, *weights, *state);
+    const bool int8 = weights->qkv.scales != nullptr;
+    for (const bi_matrix *m : {&weights->qkv, &weights->o, &weights->gate_up, &weights->down})
+        if (m->values == nullptr || (m->scales != nullptr) != int8) return cudaErrorInvalidValue;
+    return bi::with_weight_type(weights->qkv, [&](auto type) {
+        using W = decltype(type);
+        const cudaError_t e = cudaFuncSetAttribute(layer_kernel<W>, cudaFuncAttributeMaxDynamicSharedMemorySize, Layout<W>::kBytes);
+        if (e != cudaSuccess) return e;
+        return bi::launch(layer_kernel<W>, dim3(sms), dim3(kThreads), Layout<W>::kBytes, stream, *weights, *state);
+    });
 }

@@ -1,5 +1,6 @@
 // Linear layers on tensor cores: out = a[m, k] . w[n, k]^T with f32 accumulation
-// (mma.sync m16n8k16 bf16), and a fused epilogue (store, residual add, or SwiGLU).
+// (mma.sync m16n8k16 bf16), and a fused epilogue (store, residual add, or SwiGLU). Weights are
+// bf16, or INT8 converted to bf16 fragments in registers with the row scale applied to the sum.
 //
 // Two tilings of the same product, picked by m:
 // - skinny (m <= 64, decode): weights stream straight from global memory into mma fragments
@@ -14,7 +15,6 @@
 namespace {
 
 using bi::kChunk;
-using bi::load_stream;
 using bi::mma_bf16;
 using bi::store_pair;
 
@@ -28,16 +28,19 @@ struct SkinnyArgs {
     void *out;
     const void *a;             // bf16 [m, k], or with Norm f32 [m, k]
     const bi_bf16 *norm;       // with Norm: [k]
-    const bi_bf16 *w;          // [n, k]
+    bi_matrix w;               // [n, k]
     int m, n, k;
     float eps;
 
     __device__ bi::Activations activations() const { return {a, norm, m, k}; }
 };
 
-// Unroll: 32-column chunks whose weight loads a thread has in flight at once.
-template <int MT, int TN, int Warps, int Unroll, int Epilogue, bool Norm>
+// Unroll: 32-column chunks of bf16 weights whose loads a thread has in flight at once (twice as
+// many chunks of INT8 weights: the same bytes).
+template <int MT, int TN, int Warps, int Unroll, int Epilogue, bool Norm, typename W>
 __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs args) {
+    using Chunk = bi::WeightChunk<W>;
+    constexpr int kLoads = Unroll * sizeof(bi_bf16) / sizeof(W);
     static_assert(Warps * MT * TN <= 64, "the cross-warp reduction must fit 32 KiB of shared memory");
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const int g = lane / 4, q = lane % 4;  // mma fragment coordinates
@@ -48,17 +51,18 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
     bi::allow_next_kernel();
     __shared__ float inv_rms[MT * 16];
     float acc[MT][TN][4] = {};
-    const bi_bf16 *w_rows[TN];
+    const W *w_rows[TN];
 #pragma unroll
-    for (int t = 0; t < TN; ++t) w_rows[t] = args.w + static_cast<size_t>(n0 + t * 8 + g) * args.k + k_begin;
+    for (int t = 0; t < TN; ++t)
+        w_rows[t] = static_cast<const W *>(args.w.values) + static_cast<size_t>(n0 + t * 8 + g) * args.k + k_begin;
 
-    for (int c0 = 0; c0 < k_warp; c0 += kChunk * Unroll) {
-        uint4 wv[Unroll][TN];
+    for (int c0 = 0; c0 < k_warp; c0 += kChunk * kLoads) {
+        typename Chunk::Raw wv[kLoads][TN];
 #pragma unroll
-        for (int u = 0; u < Unroll; ++u)
+        for (int u = 0; u < kLoads; ++u)
 #pragma unroll
             for (int t = 0; t < TN; ++t)
-                wv[u][t] = c0 + u * kChunk < k_warp ? load_stream(w_rows[t] + c0 + u * kChunk) : make_uint4(0, 0, 0, 0);
+                wv[u][t] = c0 + u * kChunk < k_warp ? Chunk::stream(w_rows[t] + c0 + u * kChunk) : typename Chunk::Raw{};
         if (c0 == 0) {
             // Weights never depend on the previous kernel: the first loads are in flight before
             // the wait for the activations it writes.
@@ -69,7 +73,7 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
             }
         }
 #pragma unroll
-        for (int u = 0; u < Unroll; ++u) {
+        for (int u = 0; u < kLoads; ++u) {
             if (c0 + u * kChunk >= k_warp) break;
             const int col = k_begin + c0 + u * kChunk;
 #pragma unroll
@@ -78,8 +82,9 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
                 const uint4 hi = bi::a_chunk<Norm>(args.activations(), mt * 16 + g + 8, col, inv_rms);
 #pragma unroll
                 for (int t = 0; t < TN; ++t) {
-                    mma_bf16(acc[mt][t], lo.x, hi.x, lo.y, hi.y, wv[u][t].x, wv[u][t].y);
-                    mma_bf16(acc[mt][t], lo.z, hi.z, lo.w, hi.w, wv[u][t].z, wv[u][t].w);
+                    const uint4 b = Chunk::bf16(wv[u][t]);
+                    mma_bf16(acc[mt][t], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+                    mma_bf16(acc[mt][t], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
                 }
             }
         }
@@ -108,21 +113,29 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
                 for (int w = 0; w < Warps; ++w) v[e] += partial[w][idx][lane];
             }
             const int row = mt * 16 + g, col = n0 + t * 8 + 2 * q;
-            if (row < args.m) store_pair<Epilogue>(args.out, args.n, row, col, v[0], v[1]);
-            if (row + 8 < args.m) store_pair<Epilogue>(args.out, args.n, row + 8, col, v[2], v[3]);
+            const float2 s = bi::column_scales<W>(args.w.scales, col);
+            if (row < args.m) store_pair<Epilogue>(args.out, args.n, row, col, v[0] * s.x, v[1] * s.y);
+            if (row + 8 < args.m) store_pair<Epilogue>(args.out, args.n, row + 8, col, v[2] * s.x, v[3] * s.y);
         }
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tiled: 128x128 output tiles, k in steps of 32, 3 shared-memory stages.
+// Tiled: 128x128 output tiles, k in steps of 32, 3 shared-memory stages. bf16 weight fragments
+// come from ldmatrix; INT8 ones are read two bytes at a time and converted.
 
 constexpr int kTileM = 128, kTileN = 128, kTileK = 32, kStages = 3;
 constexpr int kTiledThreads = 256;
 constexpr int kRowPitch = kTileK + 8;  // bf16 per smem row: 80 bytes, conflict-free ldmatrix
 static_assert((kRowPitch * 2) % 16 == 0, "smem rows must stay 16-byte aligned for cp.async");
-constexpr int kStageElems = (kTileM + kTileN) * kRowPitch;
-constexpr size_t kTiledSmem = kStages * kStageElems * sizeof(bi_bf16);
+// Bytes per staged weight row: bf16 rows as the A rows; INT8 rows 48 bytes, so the 8 rows of a
+// fragment read fall in distinct banks.
+template <typename W>
+constexpr int w_pitch_bytes() { return sizeof(W) == 1 ? kTileK + 16 : kRowPitch * 2; }
+template <typename W>
+constexpr int stage_bytes() { return kTileM * kRowPitch * 2 + kTileN * w_pitch_bytes<W>(); }
+template <typename W>
+constexpr size_t tiled_smem() { return kStages * stage_bytes<W>(); }
 
 __device__ __forceinline__ void cp_async16(void *smem, const void *global, bool valid) {
     const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -137,10 +150,12 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *smem) 
                  : "r"(addr));
 }
 
-template <int Epilogue>
+template <int Epilogue, typename W>
 __global__ void __launch_bounds__(kTiledThreads)
-    tiled_kernel(void *out, const bi_bf16 *__restrict__ a, const bi_bf16 *__restrict__ w, int m, int n, int k) {
-    extern __shared__ __align__(16) bi_bf16 smem[];
+    tiled_kernel(void *out, const bi_bf16 *__restrict__ a, bi_matrix matrix, int m, int n, int k) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const W *__restrict__ w = static_cast<const W *>(matrix.values);
+    constexpr int kWPitch = w_pitch_bytes<W>(), kWChunks = kTileK * sizeof(W) / 16;  // 16-byte chunks per row
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const int wm = warp / 4, wn = warp % 4;  // warp tile: rows wm*64.., cols wn*32..
     const int m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
@@ -148,14 +163,21 @@ __global__ void __launch_bounds__(kTiledThreads)
     bi::allow_next_kernel();
     bi::wait_for_previous_kernel();
 
+    auto stage_a = [&](int stage) { return reinterpret_cast<bi_bf16 *>(smem + stage * stage_bytes<W>()); };
+    auto stage_w = [&](int stage) { return smem + stage * stage_bytes<W>() + kTileM * kRowPitch * 2; };
     auto load_stage = [&](int stage, int kt) {
-        bi_bf16 *sa = smem + stage * kStageElems, *sw = sa + kTileM * kRowPitch;
+        bi_bf16 *sa = stage_a(stage);
+        unsigned char *sw = stage_w(stage);
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {  // 128 rows x 4 chunks of 16 bytes, per operand
+        for (int i = 0; i < 2; ++i) {  // 128 rows x 4 chunks of 16 bytes
             const int chunk = threadIdx.x + i * kTiledThreads, row = chunk / 4, c = (chunk % 4) * 8;
             const int a_row = min(m0 + row, m - 1);
             cp_async16(sa + row * kRowPitch + c, a + static_cast<size_t>(a_row) * k + kt * kTileK + c, m0 + row < m);
-            cp_async16(sw + row * kRowPitch + c, w + static_cast<size_t>(n0 + row) * k + kt * kTileK + c, true);
+        }
+#pragma unroll
+        for (int i = 0; i < kWChunks * kTileN / kTiledThreads; ++i) {
+            const int chunk = threadIdx.x + i * kTiledThreads, row = chunk / kWChunks, c = chunk % kWChunks;
+            cp_async16(sw + row * kWPitch + 16 * c, w + static_cast<size_t>(n0 + row) * k + kt * kTileK + c * 16 / sizeof(W), true);
         }
     };
 
@@ -172,22 +194,36 @@ __global__ void __launch_bounds__(kTiledThreads)
         if (next < k_tiles) load_stage(next % kStages, next);
         asm volatile("cp.async.commit_group;\n");
 
-        const bi_bf16 *sa = smem + (kt % kStages) * kStageElems, *sw = sa + kTileM * kRowPitch;
+        const bi_bf16 *sa = stage_a(kt % kStages);
+        const unsigned char *sw = stage_w(kt % kStages);
 #pragma unroll
         for (int ks = 0; ks < kTileK; ks += 16) {
-            uint32_t af[4][4], bf[2][4];
+            uint32_t af[4][4], bf[4][2];  // bf[nt]: the two B registers of n8 tile nt
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
                 ldmatrix_x4(af[mt], sa + (wm * 64 + mt * 16 + lane % 16) * kRowPitch + ks + (lane / 16) * 8);
+            if constexpr (sizeof(W) == 2) {
 #pragma unroll
-            for (int np = 0; np < 2; ++np)  // two n8 tiles per ldmatrix.x4
-                ldmatrix_x4(bf[np], sw + (wn * 32 + np * 16 + lane % 8 + (lane / 16) * 8) * kRowPitch + ks + ((lane / 8) % 2) * 8);
+                for (int np = 0; np < 2; ++np) {  // two n8 tiles per ldmatrix.x4
+                    uint32_t r[4];
+                    ldmatrix_x4(r, reinterpret_cast<const bi_bf16 *>(sw) +
+                                       (wn * 32 + np * 16 + lane % 8 + (lane / 16) * 8) * kRowPitch + ks + ((lane / 8) % 2) * 8);
+                    bf[2 * np][0] = r[0], bf[2 * np][1] = r[1], bf[2 * np + 1][0] = r[2], bf[2 * np + 1][1] = r[3];
+                }
+            } else {
+                const int g = lane / 4, q = lane % 4;  // B fragment: row g, k 2q, 2q + 1 and 2q + 8, 2q + 9
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    const unsigned char *row = sw + (wn * 32 + nt * 8 + g) * kWPitch + ks + 2 * q;
+                    bf[nt][0] = bi::int8x2_to_bf16x2(*reinterpret_cast<const uint16_t *>(row));
+                    bf[nt][1] = bi::int8x2_to_bf16x2(*reinterpret_cast<const uint16_t *>(row + 8));
+                }
+            }
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt)
-                    mma_bf16(acc[mt][nt], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[nt / 2][(nt % 2) * 2],
-                             bf[nt / 2][(nt % 2) * 2 + 1]);
+                    mma_bf16(acc[mt][nt], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[nt][0], bf[nt][1]);
         }
     }
     asm volatile("cp.async.wait_group 0;\n");
@@ -198,8 +234,9 @@ __global__ void __launch_bounds__(kTiledThreads)
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
             const int row = m0 + wm * 64 + mt * 16 + g, col = n0 + wn * 32 + nt * 8 + 2 * q;
-            if (row < m) store_pair<Epilogue>(out, n, row, col, acc[mt][nt][0], acc[mt][nt][1]);
-            if (row + 8 < m) store_pair<Epilogue>(out, n, row + 8, col, acc[mt][nt][2], acc[mt][nt][3]);
+            const float2 s = bi::column_scales<W>(matrix.scales, col);
+            if (row < m) store_pair<Epilogue>(out, n, row, col, acc[mt][nt][0] * s.x, acc[mt][nt][1] * s.y);
+            if (row + 8 < m) store_pair<Epilogue>(out, n, row + 8, col, acc[mt][nt][2] * s.x, acc[mt][nt][3] * s.y);
         }
 }
 
@@ -212,8 +249,10 @@ template <int MT, int TN, int BaseWarps, int Unroll, int Epilogue, bool Norm>
 cudaError_t launch_skinny_shape(const SkinnyArgs &args, cudaStream_t stream) {
     constexpr int warps = fitted_warps(BaseWarps, MT, TN);
     if (args.k % (warps * kChunk) != 0 || args.n % (8 * TN) != 0) return cudaErrorInvalidValue;
-    return bi::launch(skinny_kernel<MT, TN, warps, Unroll, Epilogue, Norm>, dim3(args.n / (8 * TN)), dim3(warps * bi::kWarp),
-                      0, stream, args);
+    return bi::with_weight_type(args.w, [&](auto type) {
+        return bi::launch(skinny_kernel<MT, TN, warps, Unroll, Epilogue, Norm, decltype(type)>, dim3(args.n / (8 * TN)),
+                          dim3(warps * bi::kWarp), 0, stream, args);
+    });
 }
 
 // Shapes picked so that each product is about one wave of two blocks per SM (132 SMs) with
@@ -229,13 +268,17 @@ cudaError_t launch_skinny(const SkinnyArgs &args, cudaStream_t stream) {
 }
 
 template <int Epilogue>
-cudaError_t launch_tiled(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, int n, int k, cudaStream_t stream) {
+cudaError_t launch_tiled(void *out, const bi_bf16 *a, bi_matrix w, int m, int n, int k, cudaStream_t stream) {
     if (n % kTileN != 0 || k % kTileK != 0) return cudaErrorInvalidValue;
-    const cudaError_t e = cudaFuncSetAttribute(tiled_kernel<Epilogue>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(kTiledSmem));
-    if (e != cudaSuccess) return e;
-    const dim3 grid(n / kTileN, (m + kTileM - 1) / kTileM);
-    return bi::launch(tiled_kernel<Epilogue>, grid, dim3(kTiledThreads), kTiledSmem, stream, out, a, w, m, n, k);
+    return bi::with_weight_type(w, [&](auto type) {
+        using W = decltype(type);
+        constexpr size_t smem = tiled_smem<W>();
+        const cudaError_t e =
+            cudaFuncSetAttribute(tiled_kernel<Epilogue, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+        if (e != cudaSuccess) return e;
+        const dim3 grid(n / kTileN, (m + kTileM - 1) / kTileM);
+        return bi::launch(tiled_kernel<Epilogue, W>, grid, dim3(kTiledThreads), smem, stream, out, a, w, m, n, k);
+    });
 }
 
 // m <= 64: skinny (norm fused); larger m: RMSNorm into `scratch`, then the tiled product.
@@ -266,12 +309,12 @@ cudaError_t dispatch(const SkinnyArgs &args, bi_epilogue epilogue, bi_bf16 *scra
 
 }  // namespace
 
-extern "C" cudaError_t bi_linear(void *out, const bi_bf16 *a, const bi_bf16 *w, int m, int n, int k,
+extern "C" cudaError_t bi_linear(void *out, const bi_bf16 *a, bi_matrix w, int m, int n, int k,
                                  bi_epilogue epilogue, cudaStream_t stream) {
     return dispatch<false>(SkinnyArgs{out, a, nullptr, w, m, n, k, 0.0f}, epilogue, nullptr, stream);
 }
 
-extern "C" cudaError_t bi_norm_linear(void *out, const float *x, const bi_bf16 *norm, float eps, const bi_bf16 *w,
+extern "C" cudaError_t bi_norm_linear(void *out, const float *x, const bi_bf16 *norm, float eps, bi_matrix w,
                                       bi_bf16 *scratch, int m, int n, int k, bi_epilogue epilogue,
                                       cudaStream_t stream) {
     return dispatch<true>(SkinnyArgs{out, x, norm, w, m, n, k, eps}, epilogue, scratch, stream);

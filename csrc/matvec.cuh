@@ -48,6 +48,71 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     return static_cast<uint32_t>(bi::f32_to_bf16(lo)) | (static_cast<uint32_t>(bi::f32_to_bf16(hi)) << 16);
 }
 
+// ---- Weight types: bf16, or INT8 with one f32 scale per row, applied to the row's f32 sum.
+
+// Bytes Lo and Lo + 1 of `biased` (int8 values XOR 0x80, i.e. q + 128) as a bf16 pair, exactly:
+// byte u becomes the f32 2^23 + u, minus 2^23 + 128 leaves q, whose upper half is its bf16
+// (|q| <= 127 fits bf16's 8-bit significand).
+template <int Lo>
+__device__ __forceinline__ uint32_t biased_bytes_to_bf16x2(uint32_t biased) {
+    constexpr uint32_t kExponent = 0x4B000000u;  // 2^23
+    const float lo = __uint_as_float(__byte_perm(biased, kExponent, 0x7650 + Lo)) - 8388736.0f;
+    const float hi = __uint_as_float(__byte_perm(biased, kExponent, 0x7650 + Lo + 1)) - 8388736.0f;
+    return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632);
+}
+
+// Two int8 weights (the low 16 bits) as a bf16 pair.
+__device__ __forceinline__ uint32_t int8x2_to_bf16x2(uint32_t two) { return biased_bytes_to_bf16x2<0>(two ^ 0x8080u); }
+
+// Eight consecutive weights of a row: the bits as loaded (Raw) and as four bf16 pairs.
+template <typename W>
+struct WeightChunk;
+
+template <>
+struct WeightChunk<bi_bf16> {
+    using Raw = uint4;
+    static constexpr bool kScaled = false;
+    __device__ static __forceinline__ Raw stream(const bi_bf16 *p) { return load_stream(p); }
+    __device__ static __forceinline__ uint4 bf16(Raw raw) { return raw; }
+};
+
+template <>
+struct WeightChunk<int8_t> {
+    using Raw = uint2;
+    static constexpr bool kScaled = true;
+    __device__ static __forceinline__ Raw stream(const int8_t *p) {
+        uint2 v;
+        asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+        return v;
+    }
+    __device__ static __forceinline__ uint4 bf16(Raw raw) {
+        const uint32_t lo = raw.x ^ 0x80808080u, hi = raw.y ^ 0x80808080u;
+        return make_uint4(biased_bytes_to_bf16x2<0>(lo), biased_bytes_to_bf16x2<2>(lo), biased_bytes_to_bf16x2<0>(hi),
+                          biased_bytes_to_bf16x2<2>(hi));
+    }
+};
+
+// Eight weights of a row staged in shared memory, as four bf16 pairs.
+template <typename W>
+__device__ __forceinline__ uint4 staged_chunk(const W *p) {
+    using Chunk = WeightChunk<W>;
+    return Chunk::bf16(*reinterpret_cast<const typename Chunk::Raw *>(p));
+}
+
+// The scales of output columns col and col + 1: 1 for bf16 weights.
+template <typename W>
+__device__ __forceinline__ float2 column_scales(const float *scales, int col) {
+    if constexpr (WeightChunk<W>::kScaled) return *reinterpret_cast<const float2 *>(scales + col);
+    else return make_float2(1.0f, 1.0f);
+}
+
+// Calls f.template operator()<W>() with the weight type of `m`.
+template <typename F>
+__host__ __forceinline__ cudaError_t with_weight_type(const bi_matrix &m, F &&f) {
+    if (m.values == nullptr) return cudaErrorInvalidValue;
+    return m.scales == nullptr ? f(bi_bf16{}) : f(int8_t{});
+}
+
 
 // The A operand of a product: bf16 rows, or (Norm) f32 residual rows normalized on the fly.
 struct Activations {

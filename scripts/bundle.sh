@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fills dist/ with what the GPU machine needs (it has no cargo): the release binaries, the GPU
 # test executables (tests/gpu_*), the benchmark executables, the tokenizer files and
-# gpu-test.sh. Usage: scripts/bundle.sh SHARED_MODEL_DIR
+# gpu-test.sh; and dist.tar.xz, the same packed to travel (under the device tool's 64 MiB carry
+# limit; unpack with `tar xJf dist.tar.xz` there). Usage: scripts/bundle.sh SHARED_MODEL_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared_model=${1:-../shared/models/qwen3-0.6b}
@@ -27,7 +28,8 @@ done < <(artifacts bench --no-run)
 cp "$shared_model"/{tokenizer.json,tokenizer_config.json,generation_config.json,config.json} dist/qwen3-0.6b/
 cp scripts/gpu-test.sh dist/
 # cargo's errors are hidden above (its JSON goes to the parser): fail loudly on a missing build.
-for needed in dist/braidinfer dist/sweep dist/tests/gpu_engine dist/tests/gpu_kernels dist/benches/decode; do
+for needed in dist/braidinfer dist/sweep dist/quant-compare dist/tests/gpu_engine dist/tests/gpu_kernels dist/benches/decode; do
     [ -x "$needed" ] || { echo "bundle: $needed was not built (run cargo build --release --all-targets to see why)" >&2; exit 1; }
 done
-du -sh dist
+tar cJf dist.tar.xz dist
+du -sh dist dist.tar.xz

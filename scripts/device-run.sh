@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session over the bundle (run from the repository root with dist/ carried):
 # the GPU tests, the transformers parity check, the decode benchmark and a CLI run, each logged
-# under $OUT, with a short summary last. Usage: scripts/device-run.sh [tests|parity|bench|sanitizer|cli|sweep]...
+# under $OUT, with a short summary last.
+# Usage: scripts/device-run.sh [tests|parity|bench|int8|quant|sanitizer|cli|sweep]...
 set -uo pipefail
 # Logs go to a scratch folder, then into $OUT/logs.tar.gz (the device tool returns few files).
 results=${OUT:-/tmp/braidinfer-out}
@@ -19,13 +20,20 @@ for step in $steps; do
                 tail -n 8 "$out/parity.log"; summary+=("$(tail -n 1 "$out/parity.log")") ;;
         bench) dist/benches/decode --json "$out/decode.json" --trace "$out/trace.json" --copy-windows 24,48,96 2>&1 | tee "$out/decode.txt"
                summary+=("$(grep -E '^ *1024 ' "$out/decode.txt" | sed 's/^ */decode ctx /')") ;;
+        int8) dist/benches/decode --quant int8 --json "$out/decode-int8.json" 2>&1 | tee "$out/decode-int8.txt"
+              summary+=("$(grep -E '^ *1024 ' "$out/decode-int8.txt" | sed 's/^ */int8 decode ctx /')") ;;
+        quant) dist/quant-compare --synthetic --json "$out/quant-compare.json" 2>&1 | tee "$out/quant-compare.txt"
+               summary+=("$(grep -E 'speed-up|margin >= 0.05' "$out/quant-compare.txt" | tr '\n' ';')") ;;
         sweep) dist/sweep --json "$out/sweep.json" --csv "$out/sweep.csv" --plot "$out/sweep.svg" 2>&1 | tee "$out/sweep.txt"
                summary+=("sweep: $(grep -cE '^ +[0-9]+ +[0-9]+ ' "$out/sweep.txt") points") ;;
         sanitizer) for tool in memcheck racecheck synccheck; do
                        compute-sanitizer --tool $tool --error-exitcode 9 dist/braidinfer --synthetic --layers 2 \
                            --prompt "Hello there" --max-tokens 4 --temperature 0.7 >"$out/sanitizer-$tool.txt" 2>&1
                        summary+=("compute-sanitizer $tool on a 2-layer prefill + graph decode: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer-$tool.txt" | tail -n 1))")
-                   done ;;
+                   done
+                   compute-sanitizer --tool memcheck --error-exitcode 9 dist/braidinfer --synthetic --layers 2 --quant int8 \
+                       --prompt "Hello there" --max-tokens 4 >"$out/sanitizer-int8.txt" 2>&1
+                   summary+=("compute-sanitizer memcheck, int8 weights: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitizer-int8.txt" | tail -n 1))") ;;
         cli) dist/braidinfer --synthetic --prompt "Write a haiku about GPUs." --max-tokens 48 --stats 2>&1 | tee "$out/cli.txt"
              summary+=("$(tail -n 1 "$out/cli.txt")") ;;
     esac

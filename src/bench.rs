@@ -121,7 +121,7 @@ pub fn matrix_rate(gpu: &Gpu) -> Result<f64> {
                 gpu,
                 out,
                 &a,
-                &w,
+                crate::gpu::kernels::MatrixRef::Bf16(&w),
                 (M, N, K),
                 crate::gpu::kernels::Epilogue::Store,
             )

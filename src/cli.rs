@@ -11,6 +11,7 @@ use crate::generate::{check_prompt_fits, generate, CpuDecoder, Decoder, Generati
 use crate::gpu::{Engine, EngineOptions, Gpu, GpuDecoder};
 use crate::model::Model;
 use crate::model_source::{default_tokenizer_dir, resolve_model};
+use crate::quant::Quant;
 use crate::reference::CpuModel;
 use crate::sampling::{SamplingParams, MAX_TOP_K};
 use crate::synthetic::write_model_dir;
@@ -103,6 +104,11 @@ pub struct Args {
     /// the free memory.
     #[arg(long, value_name = "GB")]
     pub kv_cache_gb: Option<f64>,
+
+    /// Weights of the linear layers and the LM head: bf16 as in the checkpoint, or symmetric
+    /// per-channel INT8 quantized at load (on the CPU backend: the same INT8 round trip).
+    #[arg(long, value_enum, default_value_t = Quant::Bf16)]
+    pub quant: Quant,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -204,9 +210,10 @@ pub fn run(args: Args) -> Result<()> {
 
     let (label, stats) = match open_gpu(args.backend)? {
         Some(gpu) => {
-            let label = gpu.name();
+            let label = format!("{}, {} weights", gpu.name(), args.quant);
             let options = EngineOptions {
                 kv_cache_bytes: args.kv_cache_gb.map(|gb| (gb * 1e9) as usize),
+                quant: args.quant,
                 ..EngineOptions::default()
             };
             let mut engine = Engine::new(gpu, &model.config, &model.weights, &options)?;
@@ -219,7 +226,10 @@ pub fn run(args: Args) -> Result<()> {
             )
         }
         None => {
-            let cpu = CpuModel::new(&model.config, &model.weights);
+            let cpu = match args.quant {
+                Quant::Bf16 => CpuModel::new(&model.config, &model.weights),
+                Quant::Int8 => CpuModel::new(&model.config, &model.weights).with_int8_weights(),
+            };
             let mut decoder = CpuDecoder::new(&cpu, params);
             check_prompt_fits(prompt.len(), decoder.context_limit())?;
             (
@@ -249,7 +259,9 @@ fn open_gpu(backend: Backend) -> Result<Option<Gpu>> {
     }
 }
 
-fn prompt_ids(model: &Model, prompt: &str, raw: bool, no_think: bool) -> Result<Vec<u32>> {
+/// The token ids of `prompt`: through the chat template (without a <think> block when
+/// `no_think`) unless `raw`; every id checked against the vocabulary.
+pub fn prompt_ids(model: &Model, prompt: &str, raw: bool, no_think: bool) -> Result<Vec<u32>> {
     let text = if raw {
         prompt.to_string()
     } else {

@@ -63,6 +63,47 @@ pub fn compare_logits(
     out
 }
 
+/// Top-1 agreement on the positions where the reference's top-2 margin is at least `margin`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MarginAgreement {
+    pub margin: f32,
+    pub decided: usize,
+    pub top1_agreement: f64,
+}
+
+/// Top-1 agreement at each of `margins`: what counts as a near tie changes the figure, so a
+/// comparison reports several.
+pub fn top1_agreement_by_margin(
+    reference: &[Vec<f32>],
+    candidate: &[Vec<f32>],
+    margins: &[f32],
+) -> Vec<MarginAgreement> {
+    let picks: Vec<(usize, f32, usize)> = reference
+        .iter()
+        .zip(candidate)
+        .map(|(r, c)| {
+            let (best, margin) = top1_and_margin(r);
+            (best, margin, top1_and_margin(c).0)
+        })
+        .collect();
+    margins
+        .iter()
+        .map(|&margin| {
+            let decided: Vec<_> = picks.iter().filter(|p| p.1 >= margin).collect();
+            let agree = decided.iter().filter(|p| p.0 == p.2).count();
+            MarginAgreement {
+                margin,
+                decided: decided.len(),
+                top1_agreement: if decided.is_empty() {
+                    1.0
+                } else {
+                    agree as f64 / decided.len() as f64
+                },
+            }
+        })
+        .collect()
+}
+
 /// The index of the largest logit and its margin over the second largest.
 fn top1_and_margin(logits: &[f32]) -> (usize, f32) {
     let (mut best, mut first, mut second) = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);

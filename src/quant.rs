@@ -2,6 +2,27 @@
 //! values q and one f32 scale s = absmax(row) / 127, so that w ~ q * s with |w - q * s| <= s / 2.
 //! A zero row gets scale 0 (and zero values): nothing divides by zero.
 
+use std::fmt;
+
+/// How the engine holds the linear layers' weights (and the LM head) on the GPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quant {
+    #[default]
+    Bf16,
+    /// Symmetric per-output-channel INT8, quantized on the GPU at load.
+    Int8,
+}
+
+impl fmt::Display for Quant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Quant::Bf16 => "bf16",
+            Quant::Int8 => "int8",
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Int8Matrix {
     pub rows: usize,

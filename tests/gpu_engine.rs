@@ -6,6 +6,7 @@ mod common;
 
 use braidinfer::config::ModelConfig;
 use braidinfer::gpu::{Engine, EngineOptions, Gpu};
+use braidinfer::quant::Quant;
 use braidinfer::reference::CpuModel;
 use braidinfer::rng::SplitMix64;
 use braidinfer::sampling::{argmax, top_k, SamplingParams};
@@ -34,6 +35,20 @@ fn random_prompt(rng: &mut SplitMix64, len: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
+/// The oracles of an engine holding `quant` weights: the CPU model with activations rounded to
+/// bf16 where the kernels store them, and the all-f32 CPU model (both through the same INT8
+/// round trip of the weights for `Quant::Int8`).
+fn oracles(config: &ModelConfig, weights: &ModelWeights, quant: Quant) -> (CpuModel, CpuModel) {
+    let (cpu, f32_cpu) = (
+        CpuModel::new(config, weights).with_bf16_activations(),
+        CpuModel::new(config, weights),
+    );
+    match quant {
+        Quant::Bf16 => (cpu, f32_cpu),
+        Quant::Int8 => (cpu.with_int8_weights(), f32_cpu.with_int8_weights()),
+    }
+}
+
 /// True when the reference's two best logits are too close for bf16 math to order reliably.
 fn near_tie(logits: &[f32]) -> bool {
     let best = top_k(logits, 2);
@@ -46,9 +61,20 @@ fn gpu_engine_matches_the_cpu_reference() {
     matches_the_cpu_reference(
         "gpu_engine_matches_the_cpu_reference",
         small_real_config(),
-        70,
-        32,
-        30,
+        (70, 32, 30),
+        Quant::Bf16,
+    );
+}
+
+#[test]
+fn gpu_int8_engine_matches_the_int8_cpu_reference() {
+    // INT8 weights everywhere: prefill chunks of 80 (the tiled product) and 20 (skinny), decode
+    // on the fused layer kernel and the INT8 LM head.
+    matches_the_cpu_reference(
+        "gpu_int8_engine_matches_the_int8_cpu_reference",
+        small_real_config(),
+        (100, 80, 30),
+        Quant::Int8,
     );
 }
 
@@ -63,9 +89,8 @@ fn gpu_engine_matches_the_cpu_reference_at_long_context() {
     matches_the_cpu_reference(
         "gpu_engine_matches_the_cpu_reference_at_long_context",
         config,
-        1100,
-        512,
-        6,
+        (1100, 512, 6),
+        Quant::Bf16,
     );
 }
 
@@ -74,9 +99,8 @@ fn gpu_engine_matches_the_cpu_reference_at_long_context() {
 fn matches_the_cpu_reference(
     name: &str,
     config: ModelConfig,
-    prompt_len: usize,
-    chunk: usize,
-    steps: usize,
+    (prompt_len, chunk, steps): (usize, usize, usize),
+    quant: Quant,
 ) {
     let Some(gpu) = common::gpu_or_skip(name) else {
         return;
@@ -85,14 +109,14 @@ fn matches_the_cpu_reference(
     let weights = synthetic_weights(&config, rng.next_u64());
     // The oracle rounds activations to bf16 where the kernels store them, so what remains is
     // summation order (and the rare bf16 rounding flip it causes).
-    let cpu = CpuModel::new(&config, &weights).with_bf16_activations();
-    let f32_cpu = CpuModel::new(&config, &weights);
+    let (cpu, f32_cpu) = oracles(&config, &weights, quant);
     let mut engine = engine(
         gpu,
         &config,
         &weights,
         EngineOptions {
             prefill_chunk: chunk,
+            quant,
             ..Default::default()
         },
     );
@@ -138,7 +162,7 @@ fn matches_the_cpu_reference(
         );
     }
     eprintln!(
-        "worst relative L2 error of logits against f32: GPU {:.2e}, bf16-activation reference {:.2e}; \
+        "{quant}: worst relative L2 error of logits against f32: GPU {:.2e}, bf16-activation reference {:.2e}; \
          GPU against that reference {:.2e}; near-tie greedy mismatches: {mismatches}",
         errors.gpu_vs_f32, errors.oracle_vs_f32, errors.gpu_vs_oracle
     );
@@ -147,7 +171,21 @@ fn matches_the_cpu_reference(
 
 #[test]
 fn gpu_batched_decode_matches_the_cpu_reference_in_every_slot() {
-    let name = "gpu_batched_decode_matches_the_cpu_reference_in_every_slot";
+    batched_decode_matches_the_cpu_reference(
+        "gpu_batched_decode_matches_the_cpu_reference_in_every_slot",
+        Quant::Bf16,
+    );
+}
+
+#[test]
+fn gpu_int8_batched_decode_matches_the_int8_cpu_reference() {
+    batched_decode_matches_the_cpu_reference(
+        "gpu_int8_batched_decode_matches_the_int8_cpu_reference",
+        Quant::Int8,
+    );
+}
+
+fn batched_decode_matches_the_cpu_reference(name: &str, quant: Quant) {
     let Some(gpu) = common::gpu_or_skip(name) else {
         return;
     };
@@ -158,8 +196,7 @@ fn gpu_batched_decode_matches_the_cpu_reference_in_every_slot() {
     };
     let v = config.vocab;
     let weights = synthetic_weights(&config, rng.next_u64());
-    let cpu = CpuModel::new(&config, &weights).with_bf16_activations();
-    let f32_cpu = CpuModel::new(&config, &weights);
+    let (cpu, f32_cpu) = oracles(&config, &weights, quant);
     let mut engine = engine(
         gpu,
         &config,
@@ -167,6 +204,7 @@ fn gpu_batched_decode_matches_the_cpu_reference_in_every_slot() {
         EngineOptions {
             max_batch: 20,
             prefill_chunk: 64,
+            quant,
             ..Default::default()
         },
     );
@@ -243,7 +281,7 @@ fn gpu_batched_decode_matches_the_cpu_reference_in_every_slot() {
         }
     }
     eprintln!(
-        "batched decode, worst relative L2 error against f32: GPU {:.2e}, bf16-activation reference {:.2e}",
+        "batched decode ({quant}), worst relative L2 error against f32: GPU {:.2e}, bf16-activation reference {:.2e}",
         errors.gpu_vs_f32, errors.oracle_vs_f32
     );
     errors.assert_within_the_oracle_bound();
@@ -378,6 +416,7 @@ fn gpu_context_and_capacity_limits_are_clear_errors() {
         max_batch: 2,
         kv_cache_bytes: Some(256 * per_position),
         prefill_chunk: 128,
+        quant: Quant::Bf16,
     };
     let mut engine = engine(gpu, &config, &weights, options);
     engine.capture().unwrap();

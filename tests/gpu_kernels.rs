@@ -4,9 +4,12 @@
 mod common;
 
 use braidinfer::config::ModelConfig;
-use braidinfer::gpu::kernels::{self, Epilogue, LayerCache, Rows, SampleState, SamplingParamsRaw};
+use braidinfer::gpu::kernels::{
+    self, Epilogue, LayerCache, Matrix, Rows, SampleState, SamplingParamsRaw,
+};
 use braidinfer::gpu::weights::rope_inv_freq;
 use braidinfer::gpu::Gpu;
+use braidinfer::quant::Int8Matrix;
 use braidinfer::reference::{attention, rms_norm, rope, silu};
 use braidinfer::rng::SplitMix64;
 use braidinfer::sampling::{sample, SamplingParams};
@@ -111,40 +114,100 @@ fn matmul_ref(a: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     out
 }
 
-fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: usize) {
-    let a_bits = random_bf16(rng, m * k, 1.0);
+/// Random weights [n, k] on the device, bf16 or quantized to INT8 there, and the f32 values the
+/// product stands for (for INT8: the CPU quantizer's dequantized values, after checking that
+/// the device quantized exactly as it does).
+fn product_weights(
+    gpu: &Gpu,
+    rng: &mut SplitMix64,
+    n: usize,
+    k: usize,
+    int8: bool,
+) -> (Matrix, Vec<f32>) {
     let w_bits = random_bf16(rng, n * k, 1.0 / (k as f32).sqrt());
-    let (a, w) = (bits_to_f32(&a_bits), bits_to_f32(&w_bits));
+    let bf16 = Matrix::Bf16(gpu.upload(&w_bits).unwrap());
+    if !int8 {
+        return (bf16, bits_to_f32(&w_bits));
+    }
+    let quantized = bf16.quantized(gpu, n, k).unwrap();
+    let host = Int8Matrix::quantize(&bits_to_f32(&w_bits), n, k);
+    assert_eq!(
+        download_int8(gpu, &quantized),
+        host,
+        "device quantization of [{n}, {k}]"
+    );
+    (quantized, host.dequantize())
+}
+
+fn download_int8(gpu: &Gpu, matrix: &Matrix) -> Int8Matrix {
+    let Matrix::Int8 { values, scales } = matrix else {
+        panic!("an INT8 matrix");
+    };
+    let scales = gpu.download(scales).unwrap();
+    let values = gpu.download(values).unwrap();
+    Int8Matrix {
+        rows: scales.len(),
+        cols: values.len() / scales.len(),
+        values,
+        scales,
+    }
+}
+
+fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, (m, n, k): (usize, usize, usize), int8: bool) {
+    let a_bits = random_bf16(rng, m * k, 1.0);
+    let (d_w, w) = product_weights(gpu, rng, n, k, int8);
+    let a = bits_to_f32(&a_bits);
     let expected = matmul_ref(&a, &w, m, n, k);
     let d_a = gpu.upload(&a_bits).unwrap();
-    let d_w = gpu.upload(&w_bits).unwrap();
 
-    // Store: f32 accumulation of exact bf16 products; only the summation order differs.
+    // Store: f32 accumulation of exact bf16 products (INT8 values are exact in bf16, and the
+    // row scale multiplies the sum once); only the summation order differs.
     let mut d_out = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
-    kernels::linear(gpu, &mut d_out, &d_a, &d_w, (m, n, k), Epilogue::Store).unwrap();
+    kernels::linear(
+        gpu,
+        &mut d_out,
+        &d_a,
+        d_w.view(),
+        (m, n, k),
+        Epilogue::Store,
+    )
+    .unwrap();
     let out = gpu.download(&d_out).unwrap();
     common::assert_all_finite(&out, "linear store");
     let err = common::rel_l2(&out, &expected);
     assert!(
         err < 1e-5,
-        "linear m={m} n={n} k={k}: relative L2 {err:.2e}"
+        "linear m={m} n={n} k={k} int8={int8}: relative L2 {err:.2e}"
     );
 
     // AddResidual: adds onto what is there.
     let base: Vec<f32> = (0..m * n).map(|_| rng.centered(1.0)).collect();
     let mut d_x = gpu.upload(&base).unwrap();
-    kernels::linear(gpu, &mut d_x, &d_a, &d_w, (m, n, k), Epilogue::AddResidual).unwrap();
+    kernels::linear(
+        gpu,
+        &mut d_x,
+        &d_a,
+        d_w.view(),
+        (m, n, k),
+        Epilogue::AddResidual,
+    )
+    .unwrap();
     let x = gpu.download(&d_x).unwrap();
     let want: Vec<f32> = base.iter().zip(&expected).map(|(b, e)| b + e).collect();
     let err = common::rel_l2(&x, &want);
     assert!(
         err < 1e-5,
-        "linear add m={m} n={n} k={k}: relative L2 {err:.2e}"
+        "linear add m={m} n={n} k={k} int8={int8}: relative L2 {err:.2e}"
     );
 }
 
 /// RMSNorm fused in front of the product, against rmsnorm -> bf16 -> product on the CPU.
-fn run_norm_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: usize) {
+fn run_norm_linear_case(
+    gpu: &Gpu,
+    rng: &mut SplitMix64,
+    (m, n, k): (usize, usize, usize),
+    int8: bool,
+) {
     let x: Vec<f32> = (0..m * k)
         .map(|i| rng.centered(0.3 + (i / k) as f32))
         .collect();
@@ -152,17 +215,13 @@ fn run_norm_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: 
     norm[7] = 40.0;
     let norm_bits: Vec<u16> = norm.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
     let norm_f32 = bits_to_f32(&norm_bits);
-    let w_bits = random_bf16(rng, n * k, 1.0 / (k as f32).sqrt());
+    let (d_w, w) = product_weights(gpu, rng, n, k, int8);
     let a: Vec<f32> = (0..m)
         .flat_map(|r| rms_norm(&x[r * k..(r + 1) * k], &norm_f32, 1e-6))
         .map(|v| bf16::from_f32(v).to_f32())
         .collect();
-    let expected = matmul_ref(&a, &bits_to_f32(&w_bits), m, n, k);
-    let (d_x, d_norm, d_w) = (
-        gpu.upload(&x).unwrap(),
-        gpu.upload(&norm_bits).unwrap(),
-        gpu.upload(&w_bits).unwrap(),
-    );
+    let expected = matmul_ref(&a, &w, m, n, k);
+    let (d_x, d_norm) = (gpu.upload(&x).unwrap(), gpu.upload(&norm_bits).unwrap());
     let mut scratch = gpu.alloc::<u16>(m * k).unwrap();
     let mut d_out = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
     kernels::norm_linear(
@@ -171,7 +230,7 @@ fn run_norm_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: 
         &d_x,
         &d_norm,
         1e-6,
-        &d_w,
+        d_w.view(),
         &mut scratch,
         (m, n, k),
         kernels::NormEpilogue::Store,
@@ -184,7 +243,7 @@ fn run_norm_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: 
     let err = common::rel_l2(&out, &expected);
     assert!(
         err < 1e-3,
-        "norm_linear m={m} n={n} k={k}: relative L2 {err:.2e}"
+        "norm_linear m={m} n={n} k={k} int8={int8}: relative L2 {err:.2e}"
     );
 
     // SwiGLU: rows 2i and 2i+1 are gate_i and up_i; the bf16 output rounds once more.
@@ -195,7 +254,7 @@ fn run_norm_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: 
         &d_x,
         &d_norm,
         1e-6,
-        &d_w,
+        d_w.view(),
         &mut scratch,
         (m, n, k),
         kernels::NormEpilogue::SwiGlu,
@@ -212,7 +271,7 @@ fn run_norm_linear_case(gpu: &Gpu, rng: &mut SplitMix64, m: usize, n: usize, k: 
     let err = common::rel_l2(&act, &want);
     assert!(
         err < 5e-3,
-        "swiglu m={m} n={n} k={k}: relative L2 {err:.2e} (bf16 output)"
+        "swiglu m={m} n={n} k={k} int8={int8}: relative L2 {err:.2e} (bf16 output)"
     );
 }
 
@@ -224,36 +283,73 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
         return;
     };
     let mut rng = common::fresh_rng("gpu_linear");
-    // Skinny tilings (m <= 64) and the tiled one (m > 64), with the model's k and both n paths.
-    for &(m, n, k) in &[
-        (1, 1024, 3072),
-        (3, 4096, 1024),
-        (16, 6144, 1024),
-        (17, 1024, 2048),
-        (64, 2048, 1024),
-        (65, 256, 1024),
-        (200, 384, 3072),
-    ] {
-        run_linear_case(&gpu, &mut rng, m, n, k);
-    }
-    for &(m, n, k) in &[
-        (1, 4096, 1024),
-        (1, 151_936, 1024),
-        (9, 6144, 1024),
-        (40, 1024, 1024),
-        (130, 512, 1024),
-    ] {
-        run_norm_linear_case(&gpu, &mut rng, m, n, k);
+    // Skinny tilings (m <= 64) and the tiled one (m > 64), with the model's k and both n paths,
+    // for bf16 and INT8 weights.
+    for int8 in [false, true] {
+        for &dims in &[
+            (1, 1024, 3072),
+            (3, 4096, 1024),
+            (16, 6144, 1024),
+            (17, 1024, 2048),
+            (64, 2048, 1024),
+            (65, 256, 1024),
+            (200, 384, 3072),
+        ] {
+            run_linear_case(&gpu, &mut rng, dims, int8);
+        }
+        for &dims in &[
+            (1, 4096, 1024),
+            (1, 151_936, 1024),
+            (9, 6144, 1024),
+            (40, 1024, 1024),
+            (130, 512, 1024),
+        ] {
+            run_norm_linear_case(&gpu, &mut rng, dims, int8);
+        }
     }
     let refused = kernels::linear(
         &gpu,
         &mut gpu.alloc::<f32>(16).unwrap(),
         &gpu.alloc::<u16>(100).unwrap(),
-        &gpu.alloc::<u16>(16 * 100).unwrap(),
+        Matrix::Bf16(gpu.alloc::<u16>(16 * 100).unwrap()).view(),
         (1, 16, 100),
         Epilogue::Store,
     );
     assert!(refused.is_err(), "k = 100 must be refused");
+}
+
+#[test]
+fn gpu_quantize_matches_the_cpu_quantizer() {
+    let Some(gpu) = common::gpu_or_skip("gpu_quantize_matches_the_cpu_quantizer") else {
+        return;
+    };
+    let mut rng = common::fresh_rng("gpu_quantize");
+    for &(rows, cols) in &[(37, 1024), (9, 3072), (5, 100)] {
+        // Rows of different magnitudes, one with a 200x outlier, a zero row and a constant row.
+        let mut w: Vec<f32> = (0..rows * cols)
+            .map(|i| rng.centered(0.01 * (1 + i / cols) as f32))
+            .collect();
+        w[3 * cols + 7] = 200.0 * 0.04;
+        w[cols..2 * cols].fill(0.0);
+        w[2 * cols..3 * cols].fill(-0.75);
+        let bits: Vec<u16> = w.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let d_w = gpu.upload(&bits).unwrap();
+        let mut values = gpu.upload(&vec![99i8; rows * cols]).unwrap();
+        let mut scales = gpu.upload(&vec![f32::NAN; rows]).unwrap();
+        kernels::quantize_int8(&gpu, &mut values, &mut scales, &d_w, rows, cols).unwrap();
+        let got = Int8Matrix {
+            rows,
+            cols,
+            values: gpu.download(&values).unwrap(),
+            scales: gpu.download(&scales).unwrap(),
+        };
+        assert_eq!(
+            got,
+            Int8Matrix::quantize(&bits_to_f32(&bits), rows, cols),
+            "[{rows}, {cols}]"
+        );
+        assert_eq!(got.scales[1], 0.0, "a zero row has scale 0");
+    }
 }
 
 const KV_WIDTH: usize = kernels::KV_WIDTH;

@@ -1,7 +1,7 @@
 //! INT8 weights: per-channel quantization bounds, edge rows, the comparison metrics, and the
 //! INT8 CPU model against the bf16 one.
 
-use braidinfer::compare::{compare_logits, kl_divergence, rel_l2};
+use braidinfer::compare::{compare_logits, kl_divergence, rel_l2, top1_agreement_by_margin};
 use braidinfer::config::ModelConfig;
 use braidinfer::quant::Int8Matrix;
 use braidinfer::reference::CpuModel;
@@ -90,8 +90,19 @@ fn comparison_metrics_behave() {
     assert!(diff.kl_mean > 0.1 && (diff.max_abs_diff - 2.0).abs() < 1e-9);
     // A near tie in the reference is not counted.
     let tie = vec![1.0f32, 1.05, 0.0, 0.0];
-    let untied = compare_logits(&[tie], &[swapped], 0.1);
+    let untied = compare_logits(
+        std::slice::from_ref(&tie),
+        std::slice::from_ref(&swapped),
+        0.1,
+    );
     assert_eq!((untied.decided, untied.top1_agreement), (0, 1.0));
+    // By margin: position 0 (margin 2, agreeing) and position 1 (margin 0.05, flipped).
+    let by_margin = top1_agreement_by_margin(&[a.clone(), tie], &[a, swapped], &[0.0, 0.1, 5.0]);
+    let figures: Vec<(usize, f64)> = by_margin
+        .iter()
+        .map(|m| (m.decided, m.top1_agreement))
+        .collect();
+    assert_eq!(figures, [(2, 0.5), (1, 1.0), (0, 1.0)]);
 }
 
 #[test]

@@ -9,22 +9,17 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use braidinfer::bench::{copy_bandwidth, decode_step_ms, matrix_rate};
 use braidinfer::config::ModelConfig;
 use braidinfer::gpu::kv_cache::bytes_per_position;
 use braidinfer::gpu::{Engine, EngineOptions, Gpu};
+use braidinfer::quant::Quant;
 use braidinfer::roofline::{Point, CSV_HEADER};
 use braidinfer::sampling::SamplingParams;
 use braidinfer::synthetic::synthetic_weights;
-
-#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
-enum Quant {
-    Bf16,
-    Int8,
-}
 
 #[derive(Parser)]
 #[command(about = "Decode tok/s against batch size, with the roofline measured in the same run")]
@@ -59,9 +54,6 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    if args.quant == Quant::Int8 {
-        bail!("--quant int8 is not available yet: int8 weights are still to come (issue #5)");
-    }
     if args.batches.iter().chain(&args.contexts).any(|&v| v == 0)
         || args.batches.is_empty()
         || args.contexts.is_empty()
@@ -81,6 +73,7 @@ fn run(args: Args) -> Result<()> {
     let options = EngineOptions {
         max_batch,
         kv_cache_bytes: Some(max_batch * (longest + 32) * bytes_per_position(config.layers)),
+        quant: args.quant,
         ..Default::default()
     };
     let mut engine = Engine::new(gpu, &config, &synthetic_weights(&config, 0), &options)?;
@@ -111,7 +104,8 @@ fn run(args: Args) -> Result<()> {
     bar.finish_and_clear();
 
     println!(
-        "device: {device}; copy bandwidth {:.0} GB/s (read + write); bf16 matrix rate {:.0} TFLOP/s (braidinfer's tiled product, 4096x6144x1024)",
+        "device: {device}; weights {}; copy bandwidth {:.0} GB/s (read + write); bf16 matrix rate {:.0} TFLOP/s (braidinfer's tiled product, 4096x6144x1024)",
+        args.quant,
         copy / 1e9,
         rate / 1e12
     );
@@ -143,7 +137,7 @@ fn run(args: Args) -> Result<()> {
     }
     if let Some(path) = &args.json {
         let report = serde_json::json!({
-            "device": device, "quant": "bf16", "copy_bandwidth_gb_s": copy / 1e9,
+            "device": device, "quant": args.quant, "copy_bandwidth_gb_s": copy / 1e9,
             "matrix_rate_tflop_s": rate / 1e12, "points": points,
         });
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
@@ -159,7 +153,7 @@ fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.plot {
         braidinfer::plot::roofline_svg(
             path,
-            &format!("braidinfer decode, Qwen3-0.6B bf16, {device}"),
+            &format!("braidinfer decode, Qwen3-0.6B {}, {device}", args.quant),
             &points,
         )?;
     }

@@ -18,6 +18,7 @@ use super::kv_cache::{bytes_per_position, KvCache};
 use super::weights::DeviceWeights;
 use super::Gpu;
 use crate::config::ModelConfig;
+use crate::quant::Quant;
 use crate::sampling::SamplingParams;
 use crate::weights::ModelWeights;
 
@@ -29,6 +30,8 @@ pub struct EngineOptions {
     pub kv_cache_bytes: Option<usize>,
     /// Prompt tokens per prefill pass.
     pub prefill_chunk: usize,
+    /// Weight format of the linear layers and the LM head.
+    pub quant: Quant,
 }
 
 impl Default for EngineOptions {
@@ -37,6 +40,7 @@ impl Default for EngineOptions {
             max_batch: 1,
             kv_cache_bytes: None,
             prefill_chunk: 2048,
+            quant: Quant::Bf16,
         }
     }
 }
@@ -83,8 +87,8 @@ impl Engine {
             options.max_batch >= 1 && options.prefill_chunk >= 1,
             "batch and prefill chunk must be positive"
         );
-        let weights =
-            DeviceWeights::upload(&gpu, config, host_weights).context("uploading the weights")?;
+        let weights = DeviceWeights::upload(&gpu, config, host_weights, options.quant)
+            .context("uploading the weights")?;
         let b = options.max_batch;
         let decode = StepBuffers::new(&gpu, b, decode_splits(b))?;
         let prefill = StepBuffers::new(&gpu, options.prefill_chunk, 1)?;
@@ -172,6 +176,13 @@ impl Engine {
     /// Weight bytes one decode step streams.
     pub fn weight_bytes_per_step(&self) -> usize {
         self.forward.weights.step_bytes
+    }
+
+    /// Weight bytes on the device (the bf16 embedding included) and the seconds their upload and
+    /// quantization took.
+    pub fn weight_footprint(&self) -> (usize, f64) {
+        let w = &self.forward.weights;
+        (w.device_bytes, w.load_seconds)
     }
 
     /// Starts a sequence in `slot`: KV blocks for `prompt.len() + max_new_tokens` positions,

@@ -126,13 +126,13 @@ impl Forward {
             let rows = self.rows(&bufs.positions, &bufs.row_seq, m);
             let weights = DecodeLayer {
                 input_norm: &layer.input_norm,
-                qkv: &layer.qkv,
+                qkv: layer.qkv.view(),
                 q_norm: &layer.q_norm,
                 k_norm: &layer.k_norm,
-                o: &layer.o,
+                o: layer.o.view(),
                 post_norm: &layer.post_norm,
-                gate_up: &layer.gate_up,
-                down: &layer.down,
+                gate_up: layer.gate_up.view(),
+                down: layer.down.view(),
             };
             let scratch = DecodeScratch {
                 x: &mut bufs.x,
@@ -187,7 +187,7 @@ impl Forward {
                 &bufs.x,
                 &layer.input_norm,
                 c.rms_eps,
-                &layer.qkv,
+                layer.qkv.view(),
                 &mut bufs.h,
                 (m, QKV_WIDTH, HIDDEN),
                 NormEpilogue::Store,
@@ -226,7 +226,7 @@ impl Forward {
                 gpu,
                 &mut bufs.x,
                 &bufs.attn,
-                &layer.o,
+                layer.o.view(),
                 (m, HIDDEN, Q_WIDTH),
                 Epilogue::AddResidual,
             )?;
@@ -236,7 +236,7 @@ impl Forward {
                 &bufs.x,
                 &layer.post_norm,
                 c.rms_eps,
-                &layer.gate_up,
+                layer.gate_up.view(),
                 &mut bufs.h,
                 (m, 2 * INTERMEDIATE, HIDDEN),
                 NormEpilogue::SwiGlu,
@@ -245,7 +245,7 @@ impl Forward {
                 gpu,
                 &mut bufs.x,
                 &bufs.act,
-                &layer.down,
+                layer.down.view(),
                 (m, HIDDEN, INTERMEDIATE),
                 Epilogue::AddResidual,
             )?;

@@ -41,6 +41,111 @@ pub const Q_WIDTH: usize = Q_HEADS * HEAD_DIM;
 pub const KV_WIDTH: usize = KV_HEADS * HEAD_DIM;
 pub const QKV_WIDTH: usize = Q_WIDTH + 2 * KV_WIDTH;
 
+/// A weight matrix [rows, cols] on the device: bf16, or INT8 with one f32 scale per row (row r
+/// stands for values[r, :] * scales[r]).
+pub enum Matrix {
+    Bf16(CudaSlice<u16>),
+    Int8 {
+        values: CudaSlice<i8>,
+        scales: CudaSlice<f32>,
+    },
+}
+
+impl Matrix {
+    /// Bytes the matrix occupies (and a product streams).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Matrix::Bf16(values) => 2 * values.len(),
+            Matrix::Int8 { values, scales } => values.len() + 4 * scales.len(),
+        }
+    }
+
+    /// The matrix quantized to INT8 on the device (csrc/quantize.cu; the same values as
+    /// `quant::Int8Matrix::quantize`). `self` must be bf16 [rows, cols].
+    pub fn quantized(&self, gpu: &Gpu, rows: usize, cols: usize) -> Result<Matrix> {
+        let Matrix::Bf16(w) = self else {
+            anyhow::bail!("only a bf16 matrix can be quantized");
+        };
+        let mut values = gpu.alloc::<i8>(rows * cols)?;
+        let mut scales = gpu.alloc::<f32>(rows)?;
+        quantize_int8(gpu, &mut values, &mut scales, w, rows, cols)?;
+        Ok(Matrix::Int8 { values, scales })
+    }
+
+    /// The borrowed form the kernels take.
+    pub fn view(&self) -> MatrixRef<'_> {
+        match self {
+            Matrix::Bf16(values) => MatrixRef::Bf16(values),
+            Matrix::Int8 { values, scales } => MatrixRef::Int8 { values, scales },
+        }
+    }
+}
+
+/// A borrowed weight matrix: what the product kernels read.
+#[derive(Clone, Copy)]
+pub enum MatrixRef<'a> {
+    Bf16(&'a CudaSlice<u16>),
+    Int8 {
+        values: &'a CudaSlice<i8>,
+        scales: &'a CudaSlice<f32>,
+    },
+}
+
+impl MatrixRef<'_> {
+    fn is_int8(self) -> bool {
+        matches!(self, MatrixRef::Int8 { .. })
+    }
+
+    /// The FFI view, after checking the matrix holds [rows, cols].
+    fn raw(self, gpu: &Gpu, rows: usize, cols: usize, name: &str) -> Result<ffi::bi_matrix> {
+        match self {
+            MatrixRef::Bf16(values) => {
+                fits(values, rows * cols, name)?;
+                Ok(ffi::bi_matrix {
+                    values: p(gpu, values).cast(),
+                    scales: std::ptr::null(),
+                })
+            }
+            MatrixRef::Int8 { values, scales } => {
+                fits(values, rows * cols, name)?;
+                fits(scales, rows, name)?;
+                Ok(ffi::bi_matrix {
+                    values: p(gpu, values).cast(),
+                    scales: p(gpu, scales),
+                })
+            }
+        }
+    }
+}
+
+/// values [rows, cols] int8 and scales [rows] f32 = the per-row INT8 quantization of w [rows,
+/// cols] bf16.
+pub fn quantize_int8(
+    gpu: &Gpu,
+    values: &mut impl DevicePtrMut<i8>,
+    scales: &mut impl DevicePtrMut<f32>,
+    w: &impl DevicePtr<u16>,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    fits(values, rows * cols, "quantize values")?;
+    fits(scales, rows, "quantize scales")?;
+    fits(w, rows * cols, "quantize w")?;
+    let (ri, ci) = (dim(rows, "rows")?, dim(cols, "cols")?);
+    // SAFETY: lengths checked above; all pointers are live device buffers used on gpu.stream.
+    let code = unsafe {
+        ffi::bi_quantize_int8(
+            pm(gpu, values),
+            pm(gpu, scales),
+            p(gpu, w),
+            ri,
+            ci,
+            gpu.raw_stream(),
+        )
+    };
+    check(code, "bi_quantize_int8")
+}
+
 /// What `linear` does with its f32 result.
 pub enum Epilogue {
     /// out f32 [m, n] = a . w^T
@@ -134,13 +239,13 @@ pub fn linear(
     gpu: &Gpu,
     out: &mut impl DevicePtrMut<f32>,
     a: &impl DevicePtr<u16>,
-    w: &impl DevicePtr<u16>,
+    w: MatrixRef<'_>,
     (m, n, k): (usize, usize, usize),
     epilogue: Epilogue,
 ) -> Result<()> {
     fits(out, m * n, "linear out")?;
     fits(a, m * k, "linear a")?;
-    fits(w, n * k, "linear w")?;
+    let w = w.raw(gpu, n, k, "linear w")?;
     let kind = match epilogue {
         Epilogue::Store => ffi::bi_epilogue_BI_EPILOGUE_STORE_F32,
         Epilogue::AddResidual => ffi::bi_epilogue_BI_EPILOGUE_ADD_RESIDUAL,
@@ -151,7 +256,7 @@ pub fn linear(
         ffi::bi_linear(
             pm(gpu, out).cast(),
             p(gpu, a),
-            p(gpu, w),
+            w,
             mi,
             ni,
             ki,
@@ -171,7 +276,7 @@ pub fn norm_linear<O>(
     x: &impl DevicePtr<f32>,
     norm: &impl DevicePtr<u16>,
     eps: f32,
-    w: &impl DevicePtr<u16>,
+    w: MatrixRef<'_>,
     scratch: &mut impl DevicePtrMut<u16>,
     (m, n, k): (usize, usize, usize),
     epilogue: NormEpilogue,
@@ -183,7 +288,7 @@ pub fn norm_linear<O>(
     fits(out, out_len, "norm_linear out")?;
     fits(x, m * k, "norm_linear x")?;
     fits(norm, k, "norm_linear norm")?;
-    fits(w, n * k, "norm_linear w")?;
+    let w = w.raw(gpu, n, k, "norm_linear w")?;
     fits(scratch, m * k, "norm_linear scratch")?;
     let kind = match epilogue {
         NormEpilogue::Store => ffi::bi_epilogue_BI_EPILOGUE_STORE_F32,
@@ -197,7 +302,7 @@ pub fn norm_linear<O>(
             p(gpu, x),
             p(gpu, norm),
             eps,
-            p(gpu, w),
+            w,
             pm(gpu, scratch),
             mi,
             ni,
@@ -359,16 +464,17 @@ pub const TRACE_EVENTS: usize = ffi::BI_TRACE_EVENTS as usize;
 /// The most rows `decode_layer` takes (one m16 tensor-core tile).
 pub const DECODE_LAYER_MAX_ROWS: usize = 16;
 
-/// One decoder layer's weights on the device, as `decode_layer` reads them.
+/// One decoder layer's weights on the device, as `decode_layer` reads them (the four matrices
+/// all bf16 or all INT8).
 pub struct DecodeLayer<'a> {
     pub input_norm: &'a CudaSlice<u16>, // [1024]
-    pub qkv: &'a CudaSlice<u16>,        // [4096, 1024]
+    pub qkv: MatrixRef<'a>,             // [4096, 1024]
     pub q_norm: &'a CudaSlice<u16>,     // [128]
     pub k_norm: &'a CudaSlice<u16>,     // [128]
-    pub o: &'a CudaSlice<u16>,          // [1024, 2048]
+    pub o: MatrixRef<'a>,               // [1024, 2048]
     pub post_norm: &'a CudaSlice<u16>,  // [1024]
-    pub gate_up: &'a CudaSlice<u16>,    // [6144, 1024] interleaved
-    pub down: &'a CudaSlice<u16>,       // [1024, 3072]
+    pub gate_up: MatrixRef<'a>,         // [6144, 1024] interleaved
+    pub down: MatrixRef<'a>,            // [1024, 3072]
 }
 
 /// The decode step's buffers that `decode_layer` updates or uses as scratch.
@@ -408,16 +514,18 @@ pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
     );
     for (tensor, len, name) in [
         (layer.input_norm, HIDDEN, "input_norm"),
-        (layer.qkv, QKV_WIDTH * HIDDEN, "qkv"),
         (layer.q_norm, HEAD_DIM, "q_norm"),
         (layer.k_norm, HEAD_DIM, "k_norm"),
-        (layer.o, HIDDEN * Q_WIDTH, "o"),
         (layer.post_norm, HIDDEN, "post_norm"),
-        (layer.gate_up, 2 * INTERMEDIATE * HIDDEN, "gate_up"),
-        (layer.down, HIDDEN * INTERMEDIATE, "down"),
     ] {
         fits(tensor, len, name)?;
     }
+    ensure!(
+        [layer.o, layer.gate_up, layer.down]
+            .iter()
+            .all(|m| m.is_int8() == layer.qkv.is_int8()),
+        "decode_layer: the layer's matrices must be all bf16 or all INT8"
+    );
     fits(scratch.x, m * HIDDEN, "x")?;
     fits(scratch.qkv, m * QKV_WIDTH, "qkv scratch")?;
     fits(scratch.attn, m * Q_WIDTH, "attn scratch")?;
@@ -436,13 +544,15 @@ pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
     );
     let weights = ffi::bi_layer_weights {
         input_norm: p(gpu, layer.input_norm),
-        qkv: p(gpu, layer.qkv),
+        qkv: layer.qkv.raw(gpu, QKV_WIDTH, HIDDEN, "qkv")?,
         q_norm: p(gpu, layer.q_norm),
         k_norm: p(gpu, layer.k_norm),
-        o: p(gpu, layer.o),
+        o: layer.o.raw(gpu, HIDDEN, Q_WIDTH, "o")?,
         post_norm: p(gpu, layer.post_norm),
-        gate_up: p(gpu, layer.gate_up),
-        down: p(gpu, layer.down),
+        gate_up: layer
+            .gate_up
+            .raw(gpu, 2 * INTERMEDIATE, HIDDEN, "gate_up")?,
+        down: layer.down.raw(gpu, HIDDEN, INTERMEDIATE, "down")?,
         k_cache: pm(gpu, cache.k),
         v_cache: pm(gpu, cache.v),
     };

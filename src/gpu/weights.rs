@@ -1,35 +1,53 @@
 //! The model's weights on the GPU, in the layouts the kernels read: q/k/v stacked into one
-//! matrix, gate/up rows interleaved (row 2i gate_i, row 2i+1 up_i) for the fused SwiGLU.
+//! matrix, gate/up rows interleaved (row 2i gate_i, row 2i+1 up_i) for the fused SwiGLU. With
+//! `Quant::Int8`, every linear layer and the LM head are quantized on the GPU right after their
+//! bf16 upload; norms and the embedding stay bf16.
+
+use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use cudarc::driver::CudaSlice;
 
-use super::kernels::{HEAD_DIM, HIDDEN, INTERMEDIATE, KV_HEADS, Q_HEADS};
+use super::kernels::{Matrix, MatrixRef, HEAD_DIM, HIDDEN, INTERMEDIATE, KV_HEADS, Q_HEADS};
 use super::Gpu;
 use crate::config::ModelConfig;
+use crate::quant::Quant;
 use crate::weights::{HostTensor, ModelWeights};
 
 pub struct DeviceLayer {
     pub input_norm: CudaSlice<u16>, // [1024]
-    pub qkv: CudaSlice<u16>,        // [4096, 1024]: q 2048 rows | k 1024 | v 1024
+    pub qkv: Matrix,                // [4096, 1024]: q 2048 rows | k 1024 | v 1024
     pub q_norm: CudaSlice<u16>,     // [128]
     pub k_norm: CudaSlice<u16>,     // [128]
-    pub o: CudaSlice<u16>,          // [1024, 2048]
+    pub o: Matrix,                  // [1024, 2048]
     pub post_norm: CudaSlice<u16>,  // [1024]
-    pub gate_up: CudaSlice<u16>,    // [6144, 1024], gate and up rows interleaved
-    pub down: CudaSlice<u16>,       // [1024, 3072]
+    pub gate_up: Matrix,            // [6144, 1024], gate and up rows interleaved
+    pub down: Matrix,               // [1024, 3072]
+}
+
+impl DeviceLayer {
+    fn bytes(&self) -> usize {
+        let norms =
+            self.input_norm.len() + self.q_norm.len() + self.k_norm.len() + self.post_norm.len();
+        self.qkv.bytes() + self.o.bytes() + self.gate_up.bytes() + self.down.bytes() + 2 * norms
+    }
 }
 
 pub struct DeviceWeights {
-    pub embed: CudaSlice<u16>, // [vocab, 1024]
+    pub quant: Quant,
+    pub embed: CudaSlice<u16>, // [vocab, 1024] bf16
     pub layers: Vec<DeviceLayer>,
     pub final_norm: CudaSlice<u16>, // [1024]
-    /// None: tied to `embed`.
-    pub lm_head: Option<CudaSlice<u16>>, // [vocab, 1024]
+    /// None: tied to `embed` (bf16 only; INT8 holds its own quantized copy).
+    pub lm_head: Option<Matrix>, // [vocab, 1024]
     pub rope_inv_freq: CudaSlice<f32>, // [64]
     /// Weight bytes a decode step streams: every layer, the final norm and the LM head (the
     /// embedding gather reads only a few rows).
     pub step_bytes: usize,
+    /// Weight bytes on the device, the embedding included.
+    pub device_bytes: usize,
+    /// Seconds the upload (and quantization) took, until the device finished.
+    pub load_seconds: f64,
 }
 
 /// Checks that `config` has the per-layer shapes the kernels are compiled for.
@@ -83,50 +101,82 @@ pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
 }
 
 impl DeviceWeights {
-    pub fn upload(gpu: &Gpu, config: &ModelConfig, weights: &ModelWeights) -> Result<Self> {
+    pub fn upload(
+        gpu: &Gpu,
+        config: &ModelConfig,
+        weights: &ModelWeights,
+        quant: Quant,
+    ) -> Result<Self> {
         check_kernel_shapes(config)?;
+        let start = Instant::now();
         let up = |data: Vec<u16>| gpu.upload(&data);
+        // A [rows, cols] matrix in the engine's format: bf16 as uploaded, or quantized on the
+        // device (the bf16 copy is freed once the quantization is done).
+        let matrix = |data: Vec<u16>, rows: usize, cols: usize| -> Result<Matrix> {
+            let bf16 = Matrix::Bf16(up(data)?);
+            match quant {
+                Quant::Bf16 => Ok(bf16),
+                Quant::Int8 => bf16.quantized(gpu, rows, cols),
+            }
+        };
+        let (h, q, kv, i) = (
+            HIDDEN,
+            Q_HEADS * HEAD_DIM,
+            KV_HEADS * HEAD_DIM,
+            INTERMEDIATE,
+        );
         let layers = weights
             .layers
             .iter()
             .map(|l| {
                 Ok(DeviceLayer {
                     input_norm: up(bits(&[&l.input_norm]))?,
-                    qkv: up(bits(&[&l.q_proj, &l.k_proj, &l.v_proj]))?,
+                    qkv: matrix(bits(&[&l.q_proj, &l.k_proj, &l.v_proj]), q + 2 * kv, h)?,
                     q_norm: up(bits(&[&l.q_norm]))?,
                     k_norm: up(bits(&[&l.k_norm]))?,
-                    o: up(bits(&[&l.o_proj]))?,
+                    o: matrix(bits(&[&l.o_proj]), h, q)?,
                     post_norm: up(bits(&[&l.post_norm]))?,
-                    gate_up: up(interleave_rows(&l.gate_proj, &l.up_proj))?,
-                    down: up(bits(&[&l.down_proj]))?,
+                    gate_up: matrix(interleave_rows(&l.gate_proj, &l.up_proj), 2 * i, h)?,
+                    down: matrix(bits(&[&l.down_proj]), h, i)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let embed = up(bits(&[&weights.embed]))?;
         let final_norm = up(bits(&[&weights.final_norm]))?;
-        let lm_head = weights
-            .lm_head
-            .as_ref()
-            .map(|t| up(bits(&[t])))
-            .transpose()?;
-        let layer_bytes: usize = weights
-            .layers
-            .iter()
-            .map(|l| l.named().iter().map(|(_, t)| t.bytes()).sum::<usize>())
-            .sum();
-        let step_bytes = layer_bytes + weights.final_norm.bytes() + weights.lm_head().bytes();
+        let lm_head = match (&weights.lm_head, quant) {
+            (None, Quant::Bf16) => None,
+            (Some(head), _) => Some(matrix(bits(&[head]), config.vocab, h)?),
+            (None, Quant::Int8) => {
+                Some(Matrix::Bf16(up(bits(&[&weights.embed]))?).quantized(gpu, config.vocab, h)?)
+            }
+        };
+        let layer_bytes: usize = layers.iter().map(DeviceLayer::bytes).sum();
+        let head_bytes = lm_head.as_ref().map_or(2 * embed.len(), Matrix::bytes);
+        let step_bytes = layer_bytes + 2 * final_norm.len() + head_bytes;
+        let device_bytes = step_bytes
+            + if lm_head.is_some() {
+                2 * embed.len()
+            } else {
+                0
+            };
         let rope_inv_freq = gpu.upload(&rope_inv_freq(config))?;
+        gpu.synchronize()?;
         Ok(Self {
+            quant,
             embed,
             layers,
             final_norm,
             lm_head,
             rope_inv_freq,
             step_bytes,
+            device_bytes,
+            load_seconds: start.elapsed().as_secs_f64(),
         })
     }
 
-    pub fn lm_head(&self) -> &CudaSlice<u16> {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
+    pub fn lm_head(&self) -> MatrixRef<'_> {
+        self.lm_head
+            .as_ref()
+            .map_or(MatrixRef::Bf16(&self.embed), Matrix::view)
     }
 }
