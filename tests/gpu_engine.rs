@@ -287,6 +287,82 @@ fn batched_decode_matches_the_cpu_reference(name: &str, quant: Quant) {
     errors.assert_within_the_oracle_bound();
 }
 
+#[test]
+fn gpu_batch_invariant_decode_is_bit_identical_in_every_batch_and_slot() {
+    let name = "gpu_batch_invariant_decode_is_bit_identical_in_every_batch_and_slot";
+    for quant in [Quant::Bf16, Quant::Int8] {
+        let Some(gpu) = common::gpu_or_skip(name) else {
+            return;
+        };
+        let mut rng = common::fresh_rng(name);
+        let config = ModelConfig {
+            vocab: 4096,
+            ..small_real_config()
+        };
+        let weights = synthetic_weights(&config, rng.next_u64());
+        let mut engine = engine(
+            gpu,
+            &config,
+            &weights,
+            EngineOptions {
+                max_batch: 40,
+                prefill_chunk: 64,
+                quant,
+                batch_invariant: true,
+                ..Default::default()
+            },
+        );
+        engine.capture().unwrap();
+        let prompt = random_prompt(&mut rng, 50, config.vocab);
+        let others: Vec<Vec<u32>> = (0..40)
+            .map(|i| random_prompt(&mut rng, 5 + 7 * i % 80, config.vocab))
+            .collect();
+        // The sequence's logits over 8 greedy steps in `slot`, beside sequences in `beside`.
+        let mut decode = |slot: usize, beside: &[usize], rows: usize| -> Vec<u32> {
+            for s in 0..40 {
+                engine.finish_sequence(s).unwrap();
+            }
+            let greedy = SamplingParams::greedy();
+            for &s in beside {
+                engine
+                    .start_sequence(s, &others[s], 10, &greedy, s as u32, false)
+                    .unwrap();
+            }
+            engine
+                .start_sequence(slot, &prompt, 10, &greedy, 99, false)
+                .unwrap();
+            assert_eq!(engine.step_rows(), rows, "{quant}: slot {slot}");
+            let mut bits = Vec::new();
+            for _ in 0..8 {
+                engine.step().unwrap();
+                let logits = engine.gpu().download(engine.logits()).unwrap();
+                let ours = &logits[slot * config.vocab..(slot + 1) * config.vocab];
+                common::assert_all_finite(ours, "batch-invariant logits");
+                bits.extend(ours.iter().map(|v| v.to_bits()));
+            }
+            bits
+        };
+        let alone = decode(0, &[], 1);
+        let in_four = decode(2, &[0, 1], 4);
+        let all_slots: Vec<usize> = (0..39).collect();
+        let in_forty = decode(39, &all_slots, 40);
+        let in_sixteen = decode(9, &[0, 3, 15], 16);
+        for (what, bits) in [
+            ("slot 2 of a batch of 3 (bucket 4)", &in_four),
+            ("slot 39 of 40 (three fused chunks)", &in_forty),
+            ("slot 9 of a batch of 4 (bucket 16)", &in_sixteen),
+        ] {
+            let differing = alone.iter().zip(bits).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                differing,
+                0,
+                "{quant}: {what}: {differing} of {} logits differ from the sequence decoded alone",
+                alone.len()
+            );
+        }
+    }
+}
+
 #[derive(Default)]
 struct Errors {
     gpu_vs_f32: f64,
@@ -417,6 +493,7 @@ fn gpu_context_and_capacity_limits_are_clear_errors() {
         kv_cache_bytes: Some(256 * per_position),
         prefill_chunk: 128,
         quant: Quant::Bf16,
+        batch_invariant: false,
     };
     let mut engine = engine(gpu, &config, &weights, options);
     engine.capture().unwrap();

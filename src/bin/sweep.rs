@@ -3,7 +3,7 @@
 //! same run (copy bandwidth, braidinfer's tensor-core product rate). Prints a table, and writes
 //! JSON, CSV and an SVG roofline plot on request.
 //!
-//!     sweep [--batches 1,2,4,...,256] [--contexts 512] [--quant bf16] [--runs 30]
+//!     sweep [--batches 1,2,4,...,256] [--contexts 512] [--quant bf16|int8] [--batch-invariant] [--runs 30]
 //!           [--json PATH] [--csv PATH] [--plot sweep.svg]
 
 use std::path::PathBuf;
@@ -34,6 +34,9 @@ struct Args {
     contexts: Vec<usize>,
     #[arg(long, value_enum, default_value = "bf16")]
     quant: Quant,
+    /// Batch-invariant decode (a sequence's logits independent of its batch and slot).
+    #[arg(long)]
+    batch_invariant: bool,
     /// Graph replays timed per point (median).
     #[arg(long, default_value_t = 30)]
     runs: usize,
@@ -74,6 +77,7 @@ fn run(args: Args) -> Result<()> {
         max_batch,
         kv_cache_bytes: Some(max_batch * (longest + 32) * bytes_per_position(config.layers)),
         quant: args.quant,
+        batch_invariant: args.batch_invariant,
         ..Default::default()
     };
     let mut engine = Engine::new(gpu, &config, &synthetic_weights(&config, 0), &options)?;
@@ -104,8 +108,9 @@ fn run(args: Args) -> Result<()> {
     bar.finish_and_clear();
 
     println!(
-        "device: {device}; weights {}; copy bandwidth {:.0} GB/s (read + write); bf16 matrix rate {:.0} TFLOP/s (braidinfer's tiled product, 4096x6144x1024)",
+        "device: {device}; weights {}{}; copy bandwidth {:.0} GB/s (read + write); bf16 matrix rate {:.0} TFLOP/s (braidinfer's tiled product, 4096x6144x1024)",
         args.quant,
+        if args.batch_invariant { ", batch-invariant decode" } else { "" },
         copy / 1e9,
         rate / 1e12
     );
@@ -137,7 +142,7 @@ fn run(args: Args) -> Result<()> {
     }
     if let Some(path) = &args.json {
         let report = serde_json::json!({
-            "device": device, "quant": args.quant, "copy_bandwidth_gb_s": copy / 1e9,
+            "device": device, "quant": args.quant, "batch_invariant": args.batch_invariant, "copy_bandwidth_gb_s": copy / 1e9,
             "matrix_rate_tflop_s": rate / 1e12, "points": points,
         });
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

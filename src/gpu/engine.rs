@@ -32,6 +32,11 @@ pub struct EngineOptions {
     pub prefill_chunk: usize,
     /// Weight format of the linear layers and the LM head.
     pub quant: Quant,
+    /// A sequence's logits bit-identical whatever batch it is decoded in and whatever slot it
+    /// holds: every batch runs the fused layer kernel on 16-row chunks with the same attention
+    /// ranges, and the LM head on 64-row chunks (slower than the default above 16 sequences).
+    /// Needs a GPU with the fused kernel's SMs.
+    pub batch_invariant: bool,
 }
 
 impl Default for EngineOptions {
@@ -41,14 +46,34 @@ impl Default for EngineOptions {
             kv_cache_bytes: None,
             prefill_chunk: 2048,
             quant: Quant::Bf16,
+            batch_invariant: false,
         }
     }
 }
 
 /// Attention ranges per row for a decode batch: (row, kv head, range) work items fill the 132
-/// SMs of an H100/H200 once; the kernels use fewer ranges where the context is short.
-fn decode_splits(batch: usize) -> usize {
+/// SMs of an H100/H200 once; the kernels use fewer ranges where the context is short. A
+/// batch-invariant engine uses one count for every batch (the ranges decide the order of the
+/// softmax merge): INVARIANT_SPLITS, between batch 1's 16 and batch 16's 1 (a block runs its
+/// items one after another, each a chain of memory round trips: 16 ranges per row cost
+/// batch 16 2.5x its step time, measured on an H200).
+fn decode_splits(batch: usize, batch_invariant: bool) -> usize {
+    if batch_invariant {
+        return INVARIANT_SPLITS;
+    }
     (132 / (8 * batch)).clamp(1, kernels::MAX_SPLITS)
+}
+
+const INVARIANT_SPLITS: usize = 4;
+
+/// Rows per LM-head launch of a decode step: all of them, or for a batch-invariant engine the
+/// most whose product keeps the per-row arithmetic of one row (the skinny kernel's limit).
+fn lm_head_rows(rows: usize, batch_invariant: bool) -> usize {
+    if batch_invariant {
+        rows.min(64)
+    } else {
+        rows
+    }
 }
 
 /// Batch sizes a decode step is captured for; a step runs the smallest that covers every live
@@ -90,7 +115,8 @@ impl Engine {
         let weights = DeviceWeights::upload(&gpu, config, host_weights, options.quant)
             .context("uploading the weights")?;
         let b = options.max_batch;
-        let decode = StepBuffers::new(&gpu, b, decode_splits(b))?;
+        let invariant = options.batch_invariant;
+        let decode = StepBuffers::new(&gpu, b, decode_splits(b, invariant))?;
         let prefill = StepBuffers::new(&gpu, options.prefill_chunk, 1)?;
         let logits = gpu.alloc(b * config.vocab)?;
         let params = gpu.upload(&vec![
@@ -117,6 +143,11 @@ impl Engine {
         let max_blocks = context_limit.div_ceil(BLOCK_TOKENS);
         let block_tables = gpu.alloc(b * max_blocks)?;
         let fused_decode = gpu.multiprocessors()? >= kernels::FUSED_DECODE_MIN_SMS;
+        ensure!(
+            fused_decode || !invariant,
+            "batch-invariant decode needs the fused layer kernel, which needs a GPU with at least {} SMs",
+            kernels::FUSED_DECODE_MIN_SMS
+        );
         let forward = Forward {
             gpu,
             config: config.clone(),
@@ -125,6 +156,7 @@ impl Engine {
             max_blocks,
             fused_decode,
             knobs: kernels::LayerKnobs::default(),
+            batch_invariant: invariant,
         };
         let mut engine = Self {
             forward,
@@ -341,10 +373,23 @@ impl Engine {
     /// The decode step of the first `rows` slots, kernel by kernel.
     fn run_rows(&mut self, rows: usize) -> Result<()> {
         let v = self.forward.config.vocab;
-        self.forward
-            .decode_layers(&mut self.decode, &mut self.cache, rows, decode_splits(rows))?;
-        self.forward
-            .logits(&mut self.decode, 0, rows, &mut self.logits)?;
+        let invariant = self.forward.batch_invariant;
+        self.forward.decode_layers(
+            &mut self.decode,
+            &mut self.cache,
+            rows,
+            decode_splits(rows, invariant),
+        )?;
+        let chunk = lm_head_rows(rows, invariant);
+        for first in (0..rows).step_by(chunk) {
+            let n = chunk.min(rows - first);
+            self.forward.logits(
+                &mut self.decode,
+                first,
+                n,
+                &mut self.logits.slice_mut(first * v..(first + n) * v),
+            )?;
+        }
         let state = SampleState {
             tokens: &mut self.decode.tokens,
             positions: &mut self.decode.positions,

@@ -69,6 +69,9 @@ pub struct Forward {
     pub fused_decode: bool,
     /// Timing knobs of the fused layer kernel (benchmarks only).
     pub knobs: LayerKnobs,
+    /// Decode every batch with the per-row arithmetic of one 16-row fused launch (see
+    /// `decode_layers`); needs `fused_decode`.
+    pub batch_invariant: bool,
 }
 
 impl Forward {
@@ -105,7 +108,8 @@ impl Forward {
 
     /// A decode step's embedding and layers for `m` rows (one per sequence): one fused kernel
     /// per layer for up to 16 rows, the separate kernels of `layers` beyond (and on GPUs with
-    /// too few SMs for the fused kernel's grid).
+    /// too few SMs for the fused kernel's grid); with `batch_invariant`, the fused kernel on
+    /// every 16-row chunk instead, so that each row's arithmetic never depends on m.
     pub fn decode_layers(
         &self,
         bufs: &mut StepBuffers,
@@ -117,13 +121,14 @@ impl Forward {
             m * splits <= bufs.rows * bufs.splits,
             "{m} rows of {splits} attention ranges overflow the partials"
         );
-        if !self.fused_decode || m > DECODE_LAYER_MAX_ROWS {
+        if !self.fused_decode || (m > DECODE_LAYER_MAX_ROWS && !self.batch_invariant) {
             return self.layers(bufs, cache, m, splits);
         }
         let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
         self.embed(bufs, m)?;
+        let tables = self.block_tables.slice(..);
+        let partials = Q_HEADS * splits * PARTIAL_FLOATS; // per row
         for (i, layer) in w.layers.iter().enumerate() {
-            let rows = self.rows(&bufs.positions, &bufs.row_seq, m);
             let weights = DecodeLayer {
                 input_norm: &layer.input_norm,
                 qkv: layer.qkv.view(),
@@ -134,36 +139,52 @@ impl Forward {
                 gate_up: layer.gate_up.view(),
                 down: layer.down.view(),
             };
-            let scratch = DecodeScratch {
-                x: &mut bufs.x,
-                qkv: &mut bufs.qkv,
-                attn: &mut bufs.attn,
-                act: &mut bufs.act,
-                partials: &mut bufs.partials,
-                counters: &mut bufs.counters,
-                arrivals: &mut bufs.arrivals,
-            };
-            let (mut k, mut v) = cache.layer_mut(i);
-            let layer_cache = LayerCache {
-                k: &mut k,
-                v: &mut v,
-            };
-            let trace = bufs.trace.as_mut().map(|t| {
-                let per_layer = t.len() / w.layers.len();
-                t.slice_mut(i * per_layer..(i + 1) * per_layer)
-            });
-            kernels::decode_layer(
-                gpu,
-                &weights,
-                layer_cache,
-                scratch,
-                &rows,
-                &w.rope_inv_freq,
-                splits,
-                c.rms_eps,
-                self.knobs,
-                trace,
-            )?;
+            for first in (0..m).step_by(DECODE_LAYER_MAX_ROWS) {
+                let n = (m - first).min(DECODE_LAYER_MAX_ROWS);
+                let (positions, row_seq) = (
+                    bufs.positions.slice(first..first + n),
+                    bufs.row_seq.slice(first..first + n),
+                );
+                let rows = Rows {
+                    positions: &positions,
+                    row_seq: &row_seq,
+                    block_tables: &tables,
+                    max_blocks: self.max_blocks,
+                    m: n,
+                };
+                let chunk = |width: usize| first * width..(first + n) * width;
+                let scratch = DecodeScratch {
+                    x: bufs.x.slice_mut(chunk(HIDDEN)),
+                    qkv: bufs.qkv.slice_mut(chunk(QKV_WIDTH)),
+                    attn: bufs.attn.slice_mut(chunk(Q_WIDTH)),
+                    act: bufs.act.slice_mut(chunk(INTERMEDIATE)),
+                    partials: bufs.partials.slice_mut(chunk(partials)),
+                    counters: bufs.counters.slice_mut(chunk(KV_HEADS)),
+                    arrivals: &mut bufs.arrivals,
+                };
+                let (mut k, mut v) = cache.layer_mut(i);
+                let layer_cache = LayerCache {
+                    k: &mut k,
+                    v: &mut v,
+                };
+                // The timeline of the first chunk only.
+                let trace = bufs.trace.as_mut().filter(|_| first == 0).map(|t| {
+                    let per_layer = t.len() / w.layers.len();
+                    t.slice_mut(i * per_layer..(i + 1) * per_layer)
+                });
+                kernels::decode_layer(
+                    gpu,
+                    &weights,
+                    layer_cache,
+                    scratch,
+                    &rows,
+                    &w.rope_inv_freq,
+                    splits,
+                    c.rms_eps,
+                    self.knobs,
+                    trace,
+                )?;
+            }
         }
         Ok(())
     }

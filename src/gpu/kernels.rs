@@ -479,12 +479,12 @@ pub struct DecodeLayer<'a> {
 
 /// The decode step's buffers that `decode_layer` updates or uses as scratch.
 pub struct DecodeScratch<'a> {
-    pub x: &'a mut CudaSlice<f32>,        // [m, 1024]
-    pub qkv: &'a mut CudaSlice<f32>,      // [m, 4096]
-    pub attn: &'a mut CudaSlice<u16>,     // [m, 2048]
-    pub act: &'a mut CudaSlice<u16>,      // [m, 3072]
-    pub partials: &'a mut CudaSlice<f32>, // [m, 16, splits, 130]
-    pub counters: &'a mut CudaSlice<i32>, // [m, 8]
+    pub x: CudaViewMut<'a, f32>,          // [m, 1024]
+    pub qkv: CudaViewMut<'a, f32>,        // [m, 4096]
+    pub attn: CudaViewMut<'a, u16>,       // [m, 2048]
+    pub act: CudaViewMut<'a, u16>,        // [m, 3072]
+    pub partials: CudaViewMut<'a, f32>,   // [m, 16, splits, 130]
+    pub counters: CudaViewMut<'a, i32>,   // [m, 8]
     pub arrivals: &'a mut CudaSlice<u64>, // [1 + 8] grid-barrier arrivals, then kv heads done
 }
 
@@ -494,7 +494,7 @@ pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
     gpu: &Gpu,
     layer: &DecodeLayer<'_>,
     cache: LayerCache<'_, C>,
-    scratch: DecodeScratch<'_>,
+    mut scratch: DecodeScratch<'_>,
     rows: &Rows<'_, P>,
     rope_inv_freq: &CudaSlice<f32>,
     splits: usize,
@@ -526,16 +526,16 @@ pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
             .all(|m| m.is_int8() == layer.qkv.is_int8()),
         "decode_layer: the layer's matrices must be all bf16 or all INT8"
     );
-    fits(scratch.x, m * HIDDEN, "x")?;
-    fits(scratch.qkv, m * QKV_WIDTH, "qkv scratch")?;
-    fits(scratch.attn, m * Q_WIDTH, "attn scratch")?;
-    fits(scratch.act, m * INTERMEDIATE, "act scratch")?;
+    fits(&scratch.x, m * HIDDEN, "x")?;
+    fits(&scratch.qkv, m * QKV_WIDTH, "qkv scratch")?;
+    fits(&scratch.attn, m * Q_WIDTH, "attn scratch")?;
+    fits(&scratch.act, m * INTERMEDIATE, "act scratch")?;
     fits(
-        scratch.partials,
+        &scratch.partials,
         m * Q_HEADS * splits * PARTIAL_FLOATS,
         "partials",
     )?;
-    fits(scratch.counters, m * KV_HEADS, "counters")?;
+    fits(&scratch.counters, m * KV_HEADS, "counters")?;
     fits(scratch.arrivals, 1 + KV_HEADS, "arrivals")?;
     fits(rope_inv_freq, HEAD_DIM / 2, "rope_inv_freq")?;
     ensure!(
@@ -557,12 +557,12 @@ pub fn decode_layer<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
         v_cache: pm(gpu, cache.v),
     };
     let state = ffi::bi_layer_state {
-        x: pm(gpu, scratch.x),
-        qkv: pm(gpu, scratch.qkv),
-        attn: pm(gpu, scratch.attn),
-        act: pm(gpu, scratch.act),
-        partials: pm(gpu, scratch.partials),
-        counters: pm(gpu, scratch.counters),
+        x: pm(gpu, &mut scratch.x),
+        qkv: pm(gpu, &mut scratch.qkv),
+        attn: pm(gpu, &mut scratch.attn),
+        act: pm(gpu, &mut scratch.act),
+        partials: pm(gpu, &mut scratch.partials),
+        counters: pm(gpu, &mut scratch.counters),
         arrivals: pm(gpu, scratch.arrivals),
         positions: p(gpu, rows.positions),
         row_seq: p(gpu, rows.row_seq),
