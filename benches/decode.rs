@@ -222,14 +222,23 @@ fn print_timeline(trace: &[u64], layers: usize) {
     const EVENTS: [&str; kernels::TRACE_EVENTS] = [
         "start",
         "previous done",
-        "qkv",
+        "qkv A loaded",
+        "qkv multiplied",
+        "qkv stored",
+        "kv head ready",
         "attention",
         "barrier",
-        "o",
+        "o A loaded",
+        "o multiplied",
+        "o stored",
         "barrier",
-        "gate/up",
+        "gate/up A loaded",
+        "gate/up multiplied",
+        "gate/up stored",
         "barrier",
-        "down",
+        "down A loaded",
+        "down multiplied",
+        "down stored",
     ];
     let per_layer = trace.len() / layers;
     let blocks = per_layer / EVENTS.len();

@@ -141,9 +141,11 @@ typedef struct {
 } bi_layer_state;
 
 /* A traced launch records, per block, the GPU clock (%globaltimer, ns) at its start, once the
- * previous kernel is done, and after each phase and each barrier: qkv, attention (which waits
- * for the qkv blocks of its kv head), barrier, o, barrier, gate/up, barrier, down. */
-#define BI_TRACE_EVENTS 10
+ * previous kernel is done, then for qkv: A operand loaded, tiles multiplied, results stored
+ * (and the kv heads signalled); the first attention item's kv head ready; attention done;
+ * barrier; then for o, gate/up and down each: A loaded, tiles multiplied, stored, and a barrier
+ * between them (19 stamps). */
+#define BI_TRACE_EVENTS 19
 
 /* Phases of bi_decode_layer a timing run may leave out, to see what each costs. */
 typedef enum {

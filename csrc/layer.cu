@@ -45,13 +45,22 @@
 // from shared memory, row scales applied to the reduced sums): 1,253 tok/s at context 1024
 // (598 MB per step instead of 1,192; 0.798 ms, of which the LM head saves most): the layer
 // is bound by its chain of dependent steps, not by its bytes.
-// The per-block timeline (decode benchmark --trace, final code) shows what is left, per layer
-// (24.8 us): start and wait for the previous layer ~1.3; qkv ~4.6 (its 8.4 MB arriving from
-// DRAM after the kernel starts); attention ~6.7 to the median block and ~10.8 to the last (a
-// chain of dependent round trips: the kv-head counter, q, K/V, partials, the last block's
-// merge); three grid barriers ~1.0 each; o ~1.0; gate/up ~2.6; down ~1.3. DRAM needs ~10 us
-// of it. Next: keep DRAM busy across the layer boundary (the next layer's qkv), and shorten the
-// attention chain (fewer dependent round trips, no merge tail).
+// The per-block timeline (decode benchmark --trace, 19 stamps per block; us after the layer's
+// first block starts, median block, bf16, context 1024; INT8 within 0.5 us of it everywhere):
+//   previous layer done 1.4 | qkv: A (x read, RMS sums shared) 2.9, tiles multiplied 4.2 (the
+//   last tiles arriving from DRAM), stored and signalled 6.1 | kv head ready 8.0 | attention
+//   12.7 (last block 16.8: the merge tail) | barrier 17.7 | o: A 18.2, multiplied 18.9, stored
+//   19.2 | barrier 20.3 | gate/up: A 21.5, multiplied 22.8, stored 23.1 | barrier 24.2 |
+//   down: A 24.9, multiplied 25.7, stored 25.9.
+// So a layer is a chain of ~13 dependent hops between SMs (a read of what other blocks wrote,
+// or a release of what this block wrote: ~0.5-2 us each) with little compute between them;
+// the weights (DRAM needs ~7.5 us of the layer) are never what a phase waits for except the
+// qkv tiles, which cannot start before the layer's launch. Halving the weight bytes (INT8)
+// shortens the layer by ~0.1 us. The bar (80% of copy bandwidth, ~10 us per layer with the LM
+// head) needs the chain and the weight stream to overlap across layers: the next layer's
+// weights streaming into shared memory during this layer's chain, which one launch per layer
+// rules out (shared memory does not outlive a launch, the next layer's blocks cannot be
+// resident beside this one's, and an L2 prefetch measured slower).
 #include "attention.cuh"
 #include "bulk_copy.cuh"
 #include "matvec.cuh"
@@ -265,13 +274,15 @@ __device__ __forceinline__ void load_a(const bi::Activations &act, float eps, ui
 // of tiles is done (all of them unless m is large), one block barrier, then thread t sums one
 // output pair over the 16 warps and scales it (INT8 rows; the scales and an added residual are
 // read before the tiles land). smem: kReduceFloats + kWarps * kMaxRows floats. Compute warps only.
-template <int K, int Epilogue, bool Norm, typename W>
+// stamp(): the timeline's clock, once the A fragments are loaded and once every tile is multiplied.
+template <int K, int Epilogue, bool Norm, typename W, typename Stamp>
 __device__ __forceinline__ void product(const W *staged, const float *scales, uint64_t *bars, const bi::Activations &act,
-                                        float eps, void *out, TileMap map, float *smem) {
+                                        float eps, void *out, TileMap map, float *smem, Stamp &stamp) {
     constexpr int kChunks = K / kWarps / bi::kChunk;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp, g = lane / 4, q = lane % 4, m = act.m;
     uint4 a_lo[kChunks], a_hi[kChunks];
     load_a<K, Norm>(act, eps, a_lo, a_hi, smem + kReduceFloats);
+    stamp();
     float *partials = smem;  // [group][kWarps][m][8]
     const int n = map.n, count = map.count(), group = kReduceFloats / (kWarps * m * kTileRows);
     // This thread's output pair in a group: tile, row, columns 2 pair, 2 pair + 1.
@@ -300,6 +311,7 @@ __device__ __forceinline__ void product(const W *staged, const float *scales, ui
             if (g < m) *reinterpret_cast<float2 *>(part + g * kTileRows + 2 * q) = make_float2(acc[0], acc[1]);
             if (g + 8 < m) *reinterpret_cast<float2 *>(part + (g + 8) * kTileRows + 2 * q) = make_float2(acc[2], acc[3]);
         }
+        if (first + group >= count) stamp();
         bi::sync_compute_warps();
         if (reducer) {
             float2 sum = make_float2(0.0f, 0.0f);
@@ -314,6 +326,7 @@ __device__ __forceinline__ void product(const W *staged, const float *scales, ui
         }
         bi::sync_compute_warps();  // the partials are reused by the next group or phase
     }
+    if (count == 0) stamp();
 }
 
 // All blocks of the grid meet here. `arrivals` only grows (64 bits: it never wraps), so a
@@ -401,9 +414,12 @@ __device__ __forceinline__ Item attention_item(const bi_layer_state &st, int ite
 
 // Every item: q/k norm + RoPE, the new K/V into the cache, attention, once the qkv blocks of its
 // kv head are done (wait_heads; launch: launch_index's). first: the block's first item, looked up
-// early (positions and block tables do not change in a step).
+// early (positions and block tables do not change in a step). stamp(): once, when the first
+// item's kv head is ready.
+template <typename Stamp>
 __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state &st, const Vectors &vec, const Item &first,
-                                bool wait_heads, unsigned long long launch, float *smem) {
+                                bool wait_heads, unsigned long long launch, float *smem, Stamp &stamp) {
+    bool stamped = false;
     using namespace bi::attn;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const Args args{st.attn, st.partials, st.counters, w.k_cache, w.v_cache};
@@ -419,6 +435,7 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
         if (split >= active) continue;  // a short context uses fewer ranges
         const Round round0 = first_round(args, table, kv_head, split, st.splits, pos);
         if (wait_heads) wait_kv_head(st.arrivals + 1, kv_head, launch);
+        if (!stamped) stamp(), stamped = true;
         const float *qkv = st.qkv + static_cast<size_t>(row) * (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
         // Every warp needs both query heads: each computes them (2 KiB from L2), rounded to bf16
         // as the separate kernels store them.
@@ -448,10 +465,12 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
         attend_split(args, row, kv_head, split, st.splits, pos, table, qh, round0, smem);
         bi::sync_compute_warps();  // shared memory is reused by the next item
     }
+    if (!stamped) stamp();
 }
 
-// One launch per layer; W: the matrices' element type (bi_bf16, or int8_t with row scales).
-template <typename W>
+// One launch per layer; W: the matrices' element type (bi_bf16, or int8_t with row scales);
+// Traced: the variant that records the timeline (its stamps cost the step ~3%).
+template <typename W, bool Traced>
 __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, bi_layer_state st) {
     using L = Layout<W>;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -486,12 +505,14 @@ __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, 
 
     int event = 0;
     auto stamp = [&] {
-        if (st.trace != nullptr && threadIdx.x == 0) {
-            unsigned long long now;
-            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-            st.trace[blockIdx.x * BI_TRACE_EVENTS + event] = now;
+        if constexpr (Traced) {
+            if (threadIdx.x == 0 && event < BI_TRACE_EVENTS) {
+                unsigned long long now;
+                asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+                st.trace[blockIdx.x * BI_TRACE_EVENTS + event] = now;
+            }
+            ++event;
         }
-        ++event;
     };
     const bool sync = !(skip & BI_SKIP_BARRIERS);
     auto barrier = [&] {
@@ -503,32 +524,44 @@ __global__ void __launch_bounds__(kThreads, 1) layer_kernel(bi_layer_weights w, 
     bi::wait_for_previous_kernel();
     bi::mbarrier_wait(&bars[kVectorsBar], 0);
     stamp();
+    auto skipped = [&] { stamp(), stamp(); };  // a left-out product's two stamps
     if (!(skip & BI_SKIP_QKV))
         product<BI_HIDDEN, BI_EPILOGUE_STORE_F32, true>(region_a, w.qkv.scales, &bars[kQkvBar],
                                                         {st.x, vec.input_norm, st.m, BI_HIDDEN}, st.eps, st.qkv,
-                                                        {kQkvRows, true}, scratch);
+                                                        {kQkvRows, true}, scratch, stamp);
+    else
+        skipped();
     if (sync) signal_kv_head(st.arrivals + 1);
     stamp();
     const Item first_item = static_cast<int>(blockIdx.x) < st.m * BI_KV_HEADS * st.splits ? attention_item(st, blockIdx.x) : Item{};
-    if (!(skip & BI_SKIP_ATTENTION)) attention_phase(w, st, vec, first_item, sync, launch, reinterpret_cast<float *>(region_a));
+    if (!(skip & BI_SKIP_ATTENTION))
+        attention_phase(w, st, vec, first_item, sync, launch, reinterpret_cast<float *>(region_a), stamp);
+    else
+        stamp();
     asm volatile("bar.arrive %0, %1;\n" ::"n"(kRegionAFree), "n"(kThreads) : "memory");  // region A is free
     stamp();
     barrier();
     if (!(skip & BI_SKIP_O))
         product<kQWidth, BI_EPILOGUE_ADD_RESIDUAL, false>(region_b, w.o.scales, &bars[kOBar], {st.attn, nullptr, st.m, kQWidth},
-                                                         st.eps, st.x, {BI_HIDDEN, false}, scratch);
+                                                         st.eps, st.x, {BI_HIDDEN, false}, scratch, stamp);
+    else
+        skipped();
     stamp();
     barrier();
     if (!(skip & BI_SKIP_GATE_UP))
         product<BI_HIDDEN, BI_EPILOGUE_SWIGLU, true>(region_c, w.gate_up.scales, &bars[kGateUpBar],
                                                     {st.x, vec.post_norm, st.m, BI_HIDDEN}, st.eps, st.act,
-                                                    {2 * BI_INTERMEDIATE, false}, scratch);
+                                                    {2 * BI_INTERMEDIATE, false}, scratch, stamp);
+    else
+        skipped();
     stamp();
     barrier();
     if (!(skip & BI_SKIP_DOWN))
         product<BI_INTERMEDIATE, BI_EPILOGUE_ADD_RESIDUAL, false>(region_a, w.down.scales, &bars[kDownBar],
                                                                  {st.act, nullptr, st.m, BI_INTERMEDIATE}, st.eps, st.x,
-                                                                 {BI_HIDDEN, false}, scratch);
+                                                                 {BI_HIDDEN, false}, scratch, stamp);
+    else
+        skipped();
     stamp();
 }
 
@@ -548,8 +581,13 @@ extern "C" cudaError_t bi_decode_layer(const bi_layer_weights *weights, const bi
         if (m->values == nullptr || (m->scales != nullptr) != int8) return cudaErrorInvalidValue;
     return bi::with_weight_type(weights->qkv, [&](auto type) {
         using W = decltype(type);
-        const cudaError_t e = cudaFuncSetAttribute(layer_kernel<W>, cudaFuncAttributeMaxDynamicSharedMemorySize, Layout<W>::kBytes);
-        if (e != cudaSuccess) return e;
-        return bi::launch(layer_kernel<W>, dim3(sms), dim3(kThreads), Layout<W>::kBytes, stream, *weights, *state);
+        // Both variants, so that the first launch (the engine's warm-up) loads the traced one too
+        // before a graph capture could need it.
+        for (auto kernel : {layer_kernel<W, false>, layer_kernel<W, true>}) {
+            const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Layout<W>::kBytes);
+            if (e != cudaSuccess) return e;
+        }
+        auto kernel = state->trace != nullptr ? layer_kernel<W, true> : layer_kernel<W, false>;
+        return bi::launch(kernel, dim3(sms), dim3(kThreads), Layout<W>::kBytes, stream, *weights, *state);
     });
 }
