@@ -125,11 +125,11 @@ fn product_weights(
     int8: bool,
 ) -> (Matrix, Vec<f32>) {
     let w_bits = random_bf16(rng, n * k, 1.0 / (k as f32).sqrt());
-    let bf16 = Matrix::Bf16(gpu.upload(&w_bits).unwrap());
+    let bf16 = gpu.upload(&w_bits).unwrap();
     if !int8 {
-        return (bf16, bits_to_f32(&w_bits));
+        return (Matrix::Bf16(bf16), bits_to_f32(&w_bits));
     }
-    let quantized = bf16.quantized(gpu, n, k).unwrap();
+    let quantized = Matrix::quantize(gpu, &bf16, n, k).unwrap();
     let host = Int8Matrix::quantize(&bits_to_f32(&w_bits), n, k);
     assert_eq!(
         download_int8(gpu, &quantized),

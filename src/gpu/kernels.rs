@@ -60,12 +60,9 @@ impl Matrix {
         }
     }
 
-    /// The matrix quantized to INT8 on the device (csrc/quantize.cu; the same values as
-    /// `quant::Int8Matrix::quantize`). `self` must be bf16 [rows, cols].
-    pub fn quantized(&self, gpu: &Gpu, rows: usize, cols: usize) -> Result<Matrix> {
-        let Matrix::Bf16(w) = self else {
-            anyhow::bail!("only a bf16 matrix can be quantized");
-        };
+    /// The bf16 matrix `w` [rows, cols] quantized to INT8 on the device (csrc/quantize.cu; the
+    /// same values as `quant::Int8Matrix::quantize`).
+    pub fn quantize(gpu: &Gpu, w: &CudaSlice<u16>, rows: usize, cols: usize) -> Result<Matrix> {
         let mut values = gpu.alloc::<i8>(rows * cols)?;
         let mut scales = gpu.alloc::<f32>(rows)?;
         quantize_int8(gpu, &mut values, &mut scales, w, rows, cols)?;

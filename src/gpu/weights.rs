@@ -113,10 +113,10 @@ impl DeviceWeights {
         // A [rows, cols] matrix in the engine's format: bf16 as uploaded, or quantized on the
         // device (the bf16 copy is freed once the quantization is done).
         let matrix = |data: Vec<u16>, rows: usize, cols: usize| -> Result<Matrix> {
-            let bf16 = Matrix::Bf16(up(data)?);
+            let bf16 = up(data)?;
             match quant {
-                Quant::Bf16 => Ok(bf16),
-                Quant::Int8 => bf16.quantized(gpu, rows, cols),
+                Quant::Bf16 => Ok(Matrix::Bf16(bf16)),
+                Quant::Int8 => Matrix::quantize(gpu, &bf16, rows, cols),
             }
         };
         let (h, q, kv, i) = (
@@ -146,9 +146,7 @@ impl DeviceWeights {
         let lm_head = match (&weights.lm_head, quant) {
             (None, Quant::Bf16) => None,
             (Some(head), _) => Some(matrix(bits(&[head]), config.vocab, h)?),
-            (None, Quant::Int8) => {
-                Some(Matrix::Bf16(up(bits(&[&weights.embed]))?).quantized(gpu, config.vocab, h)?)
-            }
+            (None, Quant::Int8) => Some(Matrix::quantize(gpu, &embed, config.vocab, h)?),
         };
         let layer_bytes: usize = layers.iter().map(DeviceLayer::bytes).sum();
         let head_bytes = lm_head.as_ref().map_or(2 * embed.len(), Matrix::bytes);
