@@ -9,12 +9,10 @@
 //!
 //!     cargo bench --bench decode -- [--contexts 128,1024,4096] [--runs 200] [--json PATH]
 
-use std::time::Instant;
-
 use anyhow::Result;
 use clap::Parser;
 
-use braidinfer::bench::{copy_bandwidth, decode_step_ms, median};
+use braidinfer::bench::{copy_bandwidth, decode_step_ms, median, prefill_seconds};
 use braidinfer::config::ModelConfig;
 use braidinfer::gpu::kernels::{self, LayerKnobs};
 use braidinfer::gpu::kv_cache::bytes_per_position;
@@ -152,16 +150,7 @@ fn run(args: Args) -> Result<()> {
         }
     }
 
-    let prefill_prompt = prompt(args.prefill_tokens);
-    let mut prefill_times = Vec::new();
-    for _ in 0..5 {
-        engine.gpu().synchronize()?;
-        let started = Instant::now();
-        engine.start_sequence(0, &prefill_prompt, 1, &SamplingParams::greedy(), 0, false)?;
-        engine.gpu().synchronize()?;
-        prefill_times.push(started.elapsed().as_secs_f64());
-    }
-    let prefill_s = median(&mut prefill_times);
+    let prefill_s = prefill_seconds(&mut engine, &prompt(args.prefill_tokens), 5)?;
 
     println!(
         "device: {device}; {} weights; copy bandwidth {:.0} GB/s (read + write); decode graph {nodes} kernel nodes",

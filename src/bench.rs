@@ -81,6 +81,28 @@ pub fn decode_step_ms(
     )
 }
 
+/// Median wall-clock seconds of prefilling `prompt` into slot 0 (through its first sampled
+/// token) over `runs` runs, each starting on an idle device; the slot is freed after each.
+pub fn prefill_seconds(engine: &mut Engine, prompt: &[u32], runs: usize) -> Result<f64> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        engine.gpu().synchronize()?;
+        let started = std::time::Instant::now();
+        engine.start_sequence(
+            0,
+            prompt,
+            1,
+            &crate::sampling::SamplingParams::greedy(),
+            0,
+            false,
+        )?;
+        engine.gpu().synchronize()?;
+        times.push(started.elapsed().as_secs_f64());
+        engine.finish_sequence(0)?;
+    }
+    Ok(median(&mut times))
+}
+
 /// Device-to-device copy bandwidth in bytes per second, counting bytes read plus written.
 pub fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
     const BYTES: usize = 1 << 30;

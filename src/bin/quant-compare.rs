@@ -9,13 +9,12 @@
 //!                   [--context 1024] [--batches 1,32] [--runs 100] [--json PATH]
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use serde::Serialize;
 
-use braidinfer::bench::{copy_bandwidth, decode_step_ms, median};
+use braidinfer::bench::{copy_bandwidth, decode_step_ms, prefill_seconds};
 use braidinfer::cli::prompt_ids;
 use braidinfer::compare::{
     compare_logits, top1_agreement_by_margin, LogitAgreement, MarginAgreement,
@@ -260,16 +259,8 @@ fn evaluate(
     let prefill_prompt: Vec<u32> = (0..args.prefill_tokens as u32)
         .map(|i| (i * 7919) % 150_000)
         .collect();
-    let mut prefill_times = Vec::new();
-    for _ in 0..3 {
-        engine.gpu().synchronize()?;
-        let started = Instant::now();
-        engine.start_sequence(0, &prefill_prompt, 1, &SamplingParams::greedy(), 0, false)?;
-        engine.gpu().synchronize()?;
-        prefill_times.push(started.elapsed().as_secs_f64());
-        engine.finish_sequence(0)?;
-    }
-    let prefill_tokens_per_s = args.prefill_tokens as f64 / median(&mut prefill_times);
+    let prefill_tokens_per_s =
+        args.prefill_tokens as f64 / prefill_seconds(&mut engine, &prefill_prompt, 3)?;
 
     let weight_bytes = engine.weight_bytes_per_step();
     let mut decode = Vec::new();
