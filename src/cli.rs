@@ -10,7 +10,7 @@ use crate::config::ModelConfig;
 use crate::generate::{check_prompt_fits, generate, CpuDecoder, Decoder, GenerationStats};
 use crate::gpu::{Engine, EngineOptions, Gpu, GpuDecoder};
 use crate::model::Model;
-use crate::model_source::{default_tokenizer_dir, resolve_model};
+use crate::model_source::{resolve_model, tokenizer_dir};
 use crate::quant::Quant;
 use crate::reference::CpuModel;
 use crate::sampling::{SamplingParams, MAX_TOP_K};
@@ -170,15 +170,12 @@ fn validate(args: &Args) -> Result<Validated> {
 
 fn load(args: &Args) -> Result<Model> {
     if args.synthetic {
-        let tokenizer_dir = match &args.tokenizer {
-            Some(dir) => dir.clone(),
-            None => default_tokenizer_dir()?,
-        };
         let config = ModelConfig {
             layers: args.layers,
             ..ModelConfig::qwen3_0_6b()
         };
-        return Model::synthetic(config, args.weights_seed, &tokenizer_dir);
+        let dir = tokenizer_dir(args.tokenizer.as_deref())?;
+        return Model::synthetic(config, args.weights_seed, &dir);
     }
     Model::load(&resolve_model(&args.model)?)
 }
@@ -188,11 +185,8 @@ pub fn run(args: Args) -> Result<()> {
     let validated = validate(&args)?;
     let model = load(&args)?;
     if let Some(dir) = &args.save_synthetic {
-        let tokenizer_dir = match &args.tokenizer {
-            Some(dir) => dir.clone(),
-            None => default_tokenizer_dir()?,
-        };
-        write_model_dir(dir, &model.config, &model.weights, &tokenizer_dir)?;
+        let tokenizer = tokenizer_dir(args.tokenizer.as_deref())?;
+        write_model_dir(dir, &model.config, &model.weights, &tokenizer)?;
         eprintln!("wrote {}", dir.display());
         return Ok(());
     }

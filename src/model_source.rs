@@ -77,9 +77,13 @@ fn cached_snapshot(repo: &hf_hub::CacheRepo) -> Option<PathBuf> {
     paths?.first()?.parent().map(Path::to_path_buf)
 }
 
-/// The tokenizer files for `--synthetic`: `$BRAIDINFER_TOKENIZER_DIR`, then `qwen3-0.6b/` beside
-/// the executable (the GPU bundle), then the repository's `../shared/models/qwen3-0.6b`.
-pub fn default_tokenizer_dir() -> Result<PathBuf> {
+/// The tokenizer files for `--synthetic`: `explicit` (`--tokenizer`) if given, else
+/// `$BRAIDINFER_TOKENIZER_DIR`, then `qwen3-0.6b/` beside the executable (the GPU bundle), then
+/// the repository's `../shared/models/qwen3-0.6b`.
+pub fn tokenizer_dir(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(dir) = explicit {
+        return Ok(dir.to_path_buf());
+    }
     let mut candidates = Vec::new();
     if let Some(dir) = std::env::var_os("BRAIDINFER_TOKENIZER_DIR") {
         candidates.push(PathBuf::from(dir));

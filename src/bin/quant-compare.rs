@@ -23,7 +23,7 @@ use braidinfer::config::ModelConfig;
 use braidinfer::gpu::kv_cache::bytes_per_position;
 use braidinfer::gpu::{Engine, EngineOptions, Gpu};
 use braidinfer::model::Model;
-use braidinfer::model_source::{default_tokenizer_dir, resolve_model};
+use braidinfer::model_source::{resolve_model, tokenizer_dir};
 use braidinfer::quant::Quant;
 use braidinfer::roofline;
 use braidinfer::sampling::{argmax, SamplingParams};
@@ -118,10 +118,7 @@ fn load(args: &Args) -> Result<Model> {
         (Some(spec), _) => Model::load(&resolve_model(spec)?),
         (None, true) => {
             ensure!(args.layers > 0, "--layers must be at least 1");
-            let dir = match &args.tokenizer {
-                Some(dir) => dir.clone(),
-                None => default_tokenizer_dir()?,
-            };
+            let dir = tokenizer_dir(args.tokenizer.as_deref())?;
             let config = ModelConfig {
                 layers: args.layers,
                 ..ModelConfig::qwen3_0_6b()
