@@ -10,8 +10,8 @@ use cudarc::driver::{sys, CudaSlice};
 
 use braidinfer::bench::{copy_bandwidth, Timer};
 use braidinfer::gpu::kernels::{
-    self, Epilogue, LayerCache, MatrixRef, NormEpilogue, Rows, HIDDEN, INTERMEDIATE, KV_WIDTH,
-    QKV_WIDTH, Q_WIDTH,
+    self, Epilogue, LayerCache, Matrix, MatrixRef, NormEpilogue, Rows, HIDDEN, INTERMEDIATE,
+    KV_WIDTH, QKV_WIDTH, Q_WIDTH,
 };
 use braidinfer::gpu::Gpu;
 use braidinfer::rng::SplitMix64;
@@ -214,45 +214,35 @@ fn main() -> Result<()> {
             )
         })?,
     ));
-    let head_us = graph_us(&gpu, 1, |_| {
-        kernels::norm_linear(
-            &gpu,
-            &mut logits,
-            &x,
-            &norm,
-            1e-6,
-            MatrixRef::Bf16(&lm_head),
-            &mut scratch,
-            (1, 151_936, HIDDEN),
-            NormEpilogue::Store,
-        )
-    })?;
-    let mut head_values = gpu.alloc::<i8>(151_936 * HIDDEN)?;
-    let mut head_scales = gpu.alloc::<f32>(151_936)?;
-    kernels::quantize_int8(
-        &gpu,
-        &mut head_values,
-        &mut head_scales,
-        &lm_head,
-        151_936,
-        HIDDEN,
-    )?;
-    let head_int8_us = graph_us(&gpu, 1, |_| {
-        kernels::norm_linear(
-            &gpu,
-            &mut logits,
-            &x,
-            &norm,
-            1e-6,
-            MatrixRef::Int8 {
-                values: &head_values,
-                scales: &head_scales,
-            },
-            &mut scratch,
-            (1, 151_936, HIDDEN),
-            NormEpilogue::Store,
-        )
-    })?;
+    // The LM head with bf16 weights and with their INT8 quantization.
+    let head_int8 = Matrix::quantize(&gpu, &lm_head, 151_936, HIDDEN)?;
+    let mut head_us = |head: MatrixRef<'_>| {
+        graph_us(&gpu, 1, |_| {
+            kernels::norm_linear(
+                &gpu,
+                &mut logits,
+                &x,
+                &norm,
+                1e-6,
+                head,
+                &mut scratch,
+                (1, 151_936, HIDDEN),
+                NormEpilogue::Store,
+            )
+        })
+    };
+    let heads = [
+        (
+            "lm head: rmsnorm + [151936 x 1024]",
+            151_936 * HIDDEN * 2,
+            head_us(MatrixRef::Bf16(&lm_head))?,
+        ),
+        (
+            "lm head, int8 weights",
+            head_int8.bytes(),
+            head_us(head_int8.view())?,
+        ),
+    ];
 
     println!(
         "copy bandwidth {:.0} GB/s; per launch, median of graph replays of {LAYERS} launches:",
@@ -272,18 +262,7 @@ fn main() -> Result<()> {
             100.0 * gbs * 1e9 / copy
         );
     }
-    for (name, bytes, us) in [
-        (
-            "lm head: rmsnorm + [151936 x 1024]",
-            151_936 * HIDDEN * 2,
-            head_us,
-        ),
-        (
-            "lm head, int8 weights",
-            151_936 * (HIDDEN + 4),
-            head_int8_us,
-        ),
-    ] {
+    for (name, bytes, us) in heads {
         let gbs = bytes as f64 / (us * 1e-6) / 1e9;
         println!(
             "{name:<44} {us:>10.2} {gbs:>10.0} {:>8.1}%",
@@ -292,7 +271,7 @@ fn main() -> Result<()> {
     }
     println!(
         "one layer: {layer_total:.2} us; 28 layers + lm head: {:.1} us",
-        layer_total * LAYERS as f64 + head_us
+        layer_total * LAYERS as f64 + heads[0].2
     );
     Ok(())
 }
