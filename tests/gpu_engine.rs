@@ -20,6 +20,14 @@ fn small_real_config() -> ModelConfig {
     }
 }
 
+/// The same with a 4,096-token vocabulary: the CPU oracle stays quick over many positions.
+fn small_vocab_config() -> ModelConfig {
+    ModelConfig {
+        vocab: 4096,
+        ..small_real_config()
+    }
+}
+
 fn engine(
     gpu: Gpu,
     config: &ModelConfig,
@@ -82,10 +90,7 @@ fn gpu_int8_engine_matches_the_int8_cpu_reference() {
 fn gpu_engine_matches_the_cpu_reference_at_long_context() {
     // Past 1,024 positions the fused layer merges more than 8 attention ranges per row (in
     // batches, rescaling the running sums). A small vocabulary keeps the CPU reference quick.
-    let config = ModelConfig {
-        vocab: 4096,
-        ..small_real_config()
-    };
+    let config = small_vocab_config();
     matches_the_cpu_reference(
         "gpu_engine_matches_the_cpu_reference_at_long_context",
         config,
@@ -190,10 +195,7 @@ fn batched_decode_matches_the_cpu_reference(name: &str, quant: Quant) {
         return;
     };
     let mut rng = common::fresh_rng(name);
-    let config = ModelConfig {
-        vocab: 4096,
-        ..small_real_config()
-    };
+    let config = small_vocab_config();
     let v = config.vocab;
     let weights = synthetic_weights(&config, rng.next_u64());
     let (cpu, f32_cpu) = oracles(&config, &weights, quant);
@@ -295,10 +297,7 @@ fn gpu_batch_invariant_decode_is_bit_identical_in_every_batch_and_slot() {
             return;
         };
         let mut rng = common::fresh_rng(name);
-        let config = ModelConfig {
-            vocab: 4096,
-            ..small_real_config()
-        };
+        let config = small_vocab_config();
         let weights = synthetic_weights(&config, rng.next_u64());
         let mut engine = engine(
             gpu,
