@@ -10,8 +10,8 @@ use cudarc::driver::{sys, CudaSlice};
 
 use braidinfer::bench::{copy_bandwidth, Timer};
 use braidinfer::gpu::kernels::{
-    self, Epilogue, LayerCache, Matrix, MatrixRef, NormEpilogue, Rows, HIDDEN, INTERMEDIATE,
-    KV_WIDTH, QKV_WIDTH, Q_WIDTH,
+    self, Epilogue, LayerCache, Matrix, MatrixRef, NormEpilogue, Rows, SplitScratch, HIDDEN,
+    INTERMEDIATE, KV_WIDTH, QKV_WIDTH, Q_WIDTH,
 };
 use braidinfer::gpu::Gpu;
 use braidinfer::rng::SplitMix64;
@@ -79,6 +79,7 @@ fn main() -> Result<()> {
     let x = gpu.upload(&(0..HIDDEN).map(|_| rng.centered(1.0)).collect::<Vec<f32>>())?;
     let mut residual = gpu.alloc::<f32>(HIDDEN)?;
     let mut scratch = gpu.alloc::<u16>(HIDDEN)?;
+    let mut split = SplitScratch::new(&gpu, 1)?;
     let mut qkv_out = gpu.upload(
         &(0..QKV_WIDTH)
             .map(|_| rng.centered(1.0))
@@ -123,6 +124,7 @@ fn main() -> Result<()> {
                 &mut scratch,
                 (1, QKV_WIDTH, HIDDEN),
                 NormEpilogue::Store,
+                &mut split,
             )
         })?,
     ));
@@ -180,6 +182,7 @@ fn main() -> Result<()> {
                 MatrixRef::Bf16(&o[i]),
                 (1, HIDDEN, Q_WIDTH),
                 Epilogue::AddResidual,
+                &mut split,
             )
         })?,
     ));
@@ -197,6 +200,7 @@ fn main() -> Result<()> {
                 &mut scratch,
                 (1, 2 * INTERMEDIATE, HIDDEN),
                 NormEpilogue::SwiGlu,
+                &mut split,
             )
         })?,
     ));
@@ -211,6 +215,7 @@ fn main() -> Result<()> {
                 MatrixRef::Bf16(&down[i]),
                 (1, HIDDEN, INTERMEDIATE),
                 Epilogue::AddResidual,
+                &mut split,
             )
         })?,
     ));
@@ -228,6 +233,7 @@ fn main() -> Result<()> {
                 &mut scratch,
                 (1, 151_936, HIDDEN),
                 NormEpilogue::Store,
+                &mut split,
             )
         })
     };
@@ -273,5 +279,188 @@ fn main() -> Result<()> {
         "one layer: {layer_total:.2} us; 28 layers + lm head: {:.1} us",
         layer_total * LAYERS as f64 + heads[0].2
     );
+    let layer_weights = LayerWeights {
+        qkv: &qkv,
+        o: &o,
+        gate_up: &gate_up,
+        down: &down,
+        norm: &norm,
+        lm_head: &lm_head,
+    };
+    batched_products(&gpu, &mut rng, &layer_weights, copy)?;
+    batched_attention(&gpu, copy)
+}
+
+/// Attention of a decode step of m sequences at context 512 (one range per row, as the engine
+/// runs above batch 16), every layer its own cache: K/V bandwidth against the copy bandwidth.
+fn batched_attention(gpu: &Gpu, copy: f64) -> Result<()> {
+    const CONTEXT: usize = 512;
+    println!("decode attention, context {CONTEXT} (graphs of {LAYERS} launches):");
+    println!("{:>4} {:>9} {:>9}", "m", "us", "of copy");
+    for m in [32, 64, 128, 256] {
+        let blocks = CONTEXT / 16 + 1; // per sequence
+        let per_layer = m * blocks * 16 * KV_WIDTH;
+        // Zeros: the timing does not depend on the values.
+        let k_cache = gpu.alloc::<u16>(LAYERS * per_layer)?;
+        let v_cache = gpu.alloc::<u16>(LAYERS * per_layer)?;
+        let positions = gpu.upload(&vec![CONTEXT as i32 - 1; m])?;
+        let row_seq = gpu.upload(&(0..m as i32).collect::<Vec<_>>())?;
+        let tables = gpu.upload(&(0..(m * blocks) as i32).collect::<Vec<_>>())?;
+        let q = gpu.alloc::<u16>(m * Q_WIDTH)?;
+        let mut out = gpu.alloc::<u16>(m * Q_WIDTH)?;
+        let mut partials = gpu.alloc::<f32>(m * 16 * kernels::PARTIAL_FLOATS)?;
+        let mut counters = gpu.alloc::<i32>(m * 8)?;
+        let rows = Rows {
+            positions: &positions,
+            row_seq: &row_seq,
+            block_tables: &tables,
+            max_blocks: blocks,
+            m,
+        };
+        let us = graph_us(gpu, LAYERS, |i| {
+            let (k, v) = (
+                k_cache.slice(i * per_layer..(i + 1) * per_layer),
+                v_cache.slice(i * per_layer..(i + 1) * per_layer),
+            );
+            kernels::attention(
+                gpu,
+                &mut out,
+                &mut partials,
+                &mut counters,
+                &q,
+                &k,
+                &v,
+                &rows,
+                1,
+            )
+        })? / LAYERS as f64;
+        let bytes = (2 * m * CONTEXT * KV_WIDTH * 2) as f64;
+        println!(
+            "{m:>4} {us:>9.2} {:>8.1}%",
+            100.0 * bytes / (us * 1e-6) / copy
+        );
+    }
+    Ok(())
+}
+
+struct LayerWeights<'a> {
+    qkv: &'a [CudaSlice<u16>],
+    o: &'a [CudaSlice<u16>],
+    gate_up: &'a [CudaSlice<u16>],
+    down: &'a [CudaSlice<u16>],
+    norm: &'a CudaSlice<u16>,
+    lm_head: &'a CudaSlice<u16>,
+}
+
+/// The products of a decode step of m rows (the separate kernels above batch 16): per launch,
+/// weight bandwidth against the copy bandwidth, and the matrix rate.
+fn batched_products(
+    gpu: &Gpu,
+    rng: &mut SplitMix64,
+    w: &LayerWeights<'_>,
+    copy: f64,
+) -> Result<()> {
+    const MOST_ROWS: usize = 256;
+    let x = gpu.upload(
+        &(0..MOST_ROWS * HIDDEN)
+            .map(|_| rng.centered(1.0))
+            .collect::<Vec<f32>>(),
+    )?;
+    let attn = random_bf16(gpu, rng, MOST_ROWS * Q_WIDTH, 1.0)?;
+    let act_in = random_bf16(gpu, rng, MOST_ROWS * INTERMEDIATE, 1.0)?;
+    let mut wide = gpu.alloc::<f32>(MOST_ROWS * 151_936)?;
+    let mut residual = gpu.alloc::<f32>(MOST_ROWS * HIDDEN)?;
+    let mut act = gpu.alloc::<u16>(MOST_ROWS * INTERMEDIATE)?;
+    let mut scratch = gpu.alloc::<u16>(MOST_ROWS * HIDDEN)?;
+    let mut split = SplitScratch::new(gpu, MOST_ROWS)?;
+    println!("decode products of m rows (graphs of {LAYERS} launches; the LM head 1):");
+    println!(
+        "{:>4} {:<8} {:>9} {:>9} {:>9}",
+        "m", "product", "us", "of copy", "TFLOP/s"
+    );
+    for m in [32, 64, 128, 256] {
+        let qkv = graph_us(gpu, LAYERS, |i| {
+            kernels::norm_linear(
+                gpu,
+                &mut wide,
+                &x,
+                w.norm,
+                1e-6,
+                MatrixRef::Bf16(&w.qkv[i]),
+                &mut scratch,
+                (m, QKV_WIDTH, HIDDEN),
+                NormEpilogue::Store,
+                &mut split,
+            )
+        })?;
+        let o = graph_us(gpu, LAYERS, |i| {
+            kernels::linear(
+                gpu,
+                &mut residual,
+                &attn,
+                MatrixRef::Bf16(&w.o[i]),
+                (m, HIDDEN, Q_WIDTH),
+                Epilogue::AddResidual,
+                &mut split,
+            )
+        })?;
+        let gate_up = graph_us(gpu, LAYERS, |i| {
+            kernels::norm_linear(
+                gpu,
+                &mut act,
+                &x,
+                w.norm,
+                1e-6,
+                MatrixRef::Bf16(&w.gate_up[i]),
+                &mut scratch,
+                (m, 2 * INTERMEDIATE, HIDDEN),
+                NormEpilogue::SwiGlu,
+                &mut split,
+            )
+        })?;
+        let down = graph_us(gpu, LAYERS, |i| {
+            kernels::linear(
+                gpu,
+                &mut residual,
+                &act_in,
+                MatrixRef::Bf16(&w.down[i]),
+                (m, HIDDEN, INTERMEDIATE),
+                Epilogue::AddResidual,
+                &mut split,
+            )
+        })?;
+        let head = graph_us(gpu, 1, |_| {
+            kernels::norm_linear(
+                gpu,
+                &mut wide,
+                &x,
+                w.norm,
+                1e-6,
+                MatrixRef::Bf16(w.lm_head),
+                &mut scratch,
+                (m, 151_936, HIDDEN),
+                NormEpilogue::Store,
+                &mut split,
+            )
+        })?;
+        for (name, (n, k), us) in [
+            ("qkv", (QKV_WIDTH, HIDDEN), qkv / LAYERS as f64),
+            ("o", (HIDDEN, Q_WIDTH), o / LAYERS as f64),
+            (
+                "gate/up",
+                (2 * INTERMEDIATE, HIDDEN),
+                gate_up / LAYERS as f64,
+            ),
+            ("down", (HIDDEN, INTERMEDIATE), down / LAYERS as f64),
+            ("lm head", (151_936, HIDDEN), head),
+        ] {
+            let seconds = us * 1e-6;
+            println!(
+                "{m:>4} {name:<8} {us:>9.2} {:>8.1}% {:>9.0}",
+                100.0 * (2 * n * k) as f64 / seconds / copy,
+                2.0 * (m * n * k) as f64 / seconds / 1e12
+            );
+        }
+    }
     Ok(())
 }

@@ -3,12 +3,8 @@
 // heads, so every K/V row is read once); the last block of a (row, kv head) to finish merges
 // the ranges (a completion counter instead of a second launch).
 // The same kernel serves decode (one row per sequence) and prefill (one row per prompt token).
-//
-// Layout: lane l owns dims 4l..4l+3 of both query heads, so a warp reads whole 256-byte K/V
-// rows and needs no merge across lanes; a warp scores kTokensPerRound positions at once, whose
-// independent shuffle reductions interleave. (An earlier layout, 4 lanes per token with 32 dims
-// each, needed 210 registers and a merge across lanes, and took 17 us per layer at context 1024
-// on an H200: benches/kernels.rs.)
+// Scores come from the tensor core, P.V from FMAs with lane l owning dims 4l..4l+3: see
+// attention.cuh.
 #include "attention.cuh"
 
 namespace {
@@ -20,7 +16,6 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
     split_kernel(Args args, const bi_bf16 *__restrict__ q, const int32_t *__restrict__ positions,
                  const int32_t *__restrict__ row_seq, const int32_t *__restrict__ block_tables, int max_blocks) {
     const int kv_head = blockIdx.x, row = blockIdx.y, split = blockIdx.z;
-    const int lane = threadIdx.x % bi::kWarp;
     bi::allow_next_kernel();
     bi::wait_for_previous_kernel();
     const int pos = positions[row];
@@ -32,16 +27,10 @@ __global__ void __launch_bounds__(kWarps * bi::kWarp)
     }
     const int32_t *table = block_tables + static_cast<size_t>(row_seq[row]) * max_blocks;
     const Round first = first_round(args, table, kv_head, split, gridDim.z, pos);
-    float qh[kGroup][kDims];
-    const float scale = rsqrtf(static_cast<float>(BI_HEAD_DIM)) * kLog2e;  // scores in base 2
-#pragma unroll
-    for (int h = 0; h < kGroup; ++h) {
-        load_dims(qh[h], q + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * BI_HEAD_DIM + lane * kDims);
-#pragma unroll
-        for (int d = 0; d < kDims; ++d) qh[h][d] *= scale;
-    }
+    QueryFragments qa;
+    load_query(qa, q + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup) * BI_HEAD_DIM);
     __shared__ float smem[kSmemFloats];
-    attend_split(args, row, kv_head, split, gridDim.z, pos, table, qh, first, smem);
+    attend_split<true>(args, row, kv_head, split, gridDim.z, pos, table, qa, first, smem);
 }
 
 }  // namespace

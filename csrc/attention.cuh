@@ -2,19 +2,27 @@
 // attends one range of positions of one (row, kv head) for both of its query heads and writes
 // the range's partial softmax state; the last range to finish merges them (completion counter).
 #pragma once
-#include "common.cuh"
+#include "matvec.cuh"  // mma_bf16
 
 namespace bi::attn {
 
 constexpr int kWarps = 16;
 constexpr int kGroup = BI_Q_HEADS / BI_KV_HEADS;  // query heads per kv head
-constexpr int kDims = BI_HEAD_DIM / bi::kWarp;    // dims per lane
-constexpr int kTokensPerRound = 4;
-// Shared memory: the warps' states for the block merge, later the ranges for the final merge.
-constexpr int kSmemFloats = kGroup * BI_PARTIAL_FLOATS * (kWarps > BI_MAX_SPLITS ? kWarps : BI_MAX_SPLITS);
+constexpr int kDims = BI_HEAD_DIM / bi::kWarp;    // dims per lane in P.V and the merges
+// A warp's round: one n8 tile of positions, scored on the tensor core (m16n8k16: rows = the
+// two query heads, zero-padded to 16; k = head dims). Per 8 positions a warp issues 8 mma, 20
+// shuffles and 64 FMA (P.V, lane l owning dims 4l..4l+3); the CUDA-core version before it
+// (dot products reduced across the warp) issued ~500 instructions and 80 shuffles, which
+// bounded large decode batches (batch 256, context 512: ~220 us per layer on an H200).
+constexpr int kTokensPerRound = 8;
+constexpr int kChunks = BI_HEAD_DIM / 32;  // 16-byte K chunks per lane (two k16 steps each)
+// Shared memory: the warps' states for the block merge, later the ranges for the final merge;
+// then the query heads, staged as bf16 by callers that hold them in another layout.
+constexpr int kMergeFloats = kGroup * BI_PARTIAL_FLOATS * (kWarps > BI_MAX_SPLITS ? kWarps : BI_MAX_SPLITS);
+constexpr int kSmemFloats = kMergeFloats + kGroup * BI_HEAD_DIM / 2;
 constexpr float kLog2e = 1.4426950408889634f;
-static_assert(kGroup == 2, "the kernel keeps two query heads per kv head in registers");
-static_assert(kDims == 4, "each lane reads its dims as one 8-byte vector");
+static_assert(kGroup == 2, "two query heads per kv head: rows 0 and 1 of the score mma");
+static_assert(kDims == 4, "each lane reads its V dims as one 8-byte vector");
 static_assert(kWarps * bi::kWarp >= kGroup * BI_HEAD_DIM, "one thread per (head, dim) in the final merge");
 // The shortest range worth a block of its own: one round of all 16 warps. Decode attention is a
 // chain of dependent memory round trips; a second round per range costs two more of them, which
@@ -37,38 +45,42 @@ __device__ __forceinline__ Range split_range(int pos, int split, int splits) {
     return {begin, min(kv_len, begin + chunk), (kv_len + chunk - 1) / chunk};
 }
 
-// K and V of a warp's round: kTokensPerRound positions from `base` (a multiple of
-// kTokensPerRound, so all in one cache block, `block`), clamped to end - 1 (the caller masks
-// those); this lane's 4 dims, bf16.
+// The query heads as the score mma's A fragments: lane (g, q) = (lane / 4, lane % 4) holds, for
+// g < 2, head g's dims 32c + 8q .. 32c + 8q + 7 in qa[c] (bf16; zero for g >= 2). Within each
+// 32-dim chunk the k axis is permuted the same way for Q and K (the dot product is unchanged),
+// so one 16-byte load per chunk feeds two k16 steps.
+using QueryFragments = uint4[kChunks];
+
+// K and V of a warp's round: kTokensPerRound positions from `base` (a multiple of 8, so in one
+// cache block, `block`), clamped to end - 1 (the caller masks those). k: this lane's 16-byte
+// chunks of position base + g; v: every position's dims 4l..4l+3. Read through L2 only (each
+// row is read once, and the row at `pos` was just written by another block).
 struct Round {
-    uint2 k[kTokensPerRound], v[kTokensPerRound];
+    uint4 k[kChunks];
+    uint2 v[kTokensPerRound];
 };
 static_assert(BI_BLOCK_TOKENS % kTokensPerRound == 0, "a round never straddles cache blocks");
 
-__device__ __forceinline__ size_t kv_offset(int block, int kv_head, int t) {
-    return ((static_cast<size_t>(block) * BI_KV_HEADS + kv_head) * BI_BLOCK_TOKENS + t % BI_BLOCK_TOKENS) * BI_HEAD_DIM +
-           threadIdx.x % bi::kWarp * kDims;
+__device__ __forceinline__ size_t kv_row(int block, int kv_head, int t) {
+    return ((static_cast<size_t>(block) * BI_KV_HEADS + kv_head) * BI_BLOCK_TOKENS + t % BI_BLOCK_TOKENS) * BI_HEAD_DIM;
 }
 
 __device__ __forceinline__ Round load_round(const bi_bf16 *k_cache, const bi_bf16 *v_cache, int block, int kv_head, int base,
                                            int end) {
+    const int lane = threadIdx.x % bi::kWarp, g = lane / 4, q = lane % 4;
     Round r;
+    const bi_bf16 *k_row = k_cache + kv_row(block, kv_head, min(base + g, end - 1)) + 8 * q;
 #pragma unroll
-    for (int j = 0; j < kTokensPerRound; ++j) {
-        const size_t offset = kv_offset(block, kv_head, min(base + j, end - 1));
-        r.k[j] = *reinterpret_cast<const uint2 *>(k_cache + offset);
-        r.v[j] = *reinterpret_cast<const uint2 *>(v_cache + offset);
-    }
+    for (int c = 0; c < kChunks; ++c) r.k[c] = __ldcg(reinterpret_cast<const uint4 *>(k_row + 32 * c));
+#pragma unroll
+    for (int j = 0; j < kTokensPerRound; ++j)
+        r.v[j] = __ldcg(reinterpret_cast<const uint2 *>(v_cache + kv_row(block, kv_head, min(base + j, end - 1)) + kDims * lane));
     return r;
 }
 
 __device__ __forceinline__ void unpack_dims(float (&dst)[kDims], uint2 raw) {
     dst[0] = __uint_as_float(raw.x << 16), dst[1] = __uint_as_float(raw.x & 0xffff0000u);
     dst[2] = __uint_as_float(raw.y << 16), dst[3] = __uint_as_float(raw.y & 0xffff0000u);
-}
-
-__device__ __forceinline__ void load_dims(float (&dst)[kDims], const bi_bf16 *src) {
-    unpack_dims(dst, *reinterpret_cast<const uint2 *>(src));
 }
 
 // Merges `active` ranges of one head (staged in shared memory) into out[d] (bf16).
@@ -92,8 +104,9 @@ struct Args {
     const bi_bf16 *v_cache;
 };
 
-// The warp's first round of range `split` of a row (table: its block table), to be read early:
-// only position `pos` may still change, and attend_split reads it again.
+// The warp's first round of range `split` of a row (table: its block table), to be read early
+// (before the query, and in the fused kernel before the new K/V row is written: attend_split
+// reads the round holding `pos` again).
 __device__ __forceinline__ Round first_round(const Args &args, const int32_t *table, int kv_head, int split, int splits, int pos) {
     const auto [begin, end, active] = split_range(pos, split, splits);
     const int base = begin + threadIdx.x / bi::kWarp * kTokensPerRound;
@@ -101,75 +114,93 @@ __device__ __forceinline__ Round first_round(const Args &args, const int32_t *ta
     return load_round(args.k_cache, args.v_cache, table[base / BI_BLOCK_TOKENS], kv_head, base, end);
 }
 
+// Query fragments from the bf16 heads [kGroup][128] at `heads` (global or shared memory).
+__device__ __forceinline__ void load_query(QueryFragments &qa, const bi_bf16 *heads) {
+    const int lane = threadIdx.x % bi::kWarp, g = lane / 4, q = lane % 4;
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c)
+        qa[c] = g < kGroup ? *reinterpret_cast<const uint4 *>(heads + g * BI_HEAD_DIM + 32 * c + 8 * q) : make_uint4(0, 0, 0, 0);
+}
+
 // The block's share of rows [0, pos] of `row` for `kv_head`: range `split` of at most `splits`.
-// qh: this lane's dims 4l..4l+3 of the two query heads, scaled by log2(e)/sqrt(128).
-// table: the row's block table; first: first_round's. smem: kSmemFloats floats. Whole block.
+// qa: the query fragments (load_query). table: the row's block table; first: first_round's.
+// smem: kSmemFloats floats. Whole block. Prefetch: the next round's loads are in flight while
+// a round computes (64 registers of rounds; the fused layer kernel, whose decode ranges are one
+// or two rounds per warp, has no registers to spare for it).
+template <bool Prefetch>
 __device__ __forceinline__ void attend_split(const Args &args, int row, int kv_head, int split, int splits, int pos,
-                                             const int32_t *table, const float (&qh)[kGroup][kDims], const Round &first,
+                                             const int32_t *table, const QueryFragments &qa, const Round &first,
                                              float *smem) {
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
+    const int g = lane / 4, q = lane % 4;
     const auto [begin, end, active] = split_range(pos, split, splits);
     if (split >= active) return;  // no range: the `active` others complete the row
     float *partials = args.partials;
     bi_bf16 *out = args.out;
+    const float scale = rsqrtf(static_cast<float>(BI_HEAD_DIM)) * kLog2e;  // scores in base 2
 
-    // Running softmax of this warp's positions, per head: max, sum, and this lane's dims.
-    float run_max[kGroup] = {-INFINITY, -INFINITY}, run_sum[kGroup] = {}, acc[kGroup][kDims] = {};
-    // Rounds are double-buffered: the next round's loads are in flight while this one computes.
+    // Running softmax of this warp's positions, per head: the max (every lane), the sum (spread
+    // over the 4 lanes of the head's quad: lanes 4h..4h+3), and this lane's dims.
+    float run_max[kGroup] = {-INFINITY, -INFINITY}, run_sum = 0.0f, acc[kGroup][kDims] = {};
     constexpr int kStride = kWarps * kTokensPerRound;
+    auto round_at = [&, end = end](int base) {
+        return load_round(args.k_cache, args.v_cache, table[base / BI_BLOCK_TOKENS], kv_head, base, end);
+    };
     Round kv = first;
+    const int first_base = begin + warp * kTokensPerRound;
+    if (first_base < end && first_base + kTokensPerRound > pos) kv = round_at(first_base);  // holds `pos`: maybe read before it was written
+    for (int base = first_base; base < end; base += kStride) {
+        if (!Prefetch && base != first_base) kv = round_at(base);
+        Round next;
+        if constexpr (Prefetch) next = base + kStride < end ? round_at(base + kStride) : Round{};
+        // Scores: lane (g < 2, q) gets head g at positions base + 2q and base + 2q + 1.
+        float s[4] = {};
 #pragma unroll
-    for (int j = 0; j < kTokensPerRound; ++j)
-        if (min(begin + warp * kTokensPerRound + j, end - 1) == pos) {  // written by this step: read it now, from L2
-            const size_t offset = kv_offset(table[pos / BI_BLOCK_TOKENS], kv_head, pos);  // (L1 may hold the old row)
-            kv.k[j] = __ldcg(reinterpret_cast<const uint2 *>(args.k_cache + offset));
-            kv.v[j] = __ldcg(reinterpret_cast<const uint2 *>(args.v_cache + offset));
+        for (int c = 0; c < kChunks; ++c) {
+            bi::mma_bf16(s, qa[c].x, 0u, qa[c].y, 0u, kv.k[c].x, kv.k[c].y);
+            bi::mma_bf16(s, qa[c].z, 0u, qa[c].w, 0u, kv.k[c].z, kv.k[c].w);
         }
-    for (int base = begin + warp * kTokensPerRound; base < end; base += kStride) {
-        const Round next = base + kStride < end
-                               ? load_round(args.k_cache, args.v_cache, table[(base + kStride) / BI_BLOCK_TOKENS], kv_head, base + kStride, end)
-                               : Round{};
-        float k[kTokensPerRound][kDims], v[kTokensPerRound][kDims];
-#pragma unroll
-        for (int j = 0; j < kTokensPerRound; ++j) unpack_dims(k[j], kv.k[j]), unpack_dims(v[j], kv.v[j]);
+        const float s0 = base + 2 * q < end ? s[0] * scale : -INFINITY;
+        const float s1 = base + 2 * q + 1 < end ? s[1] * scale : -INFINITY;
+        float round_max = fmaxf(s0, s1);
+        round_max = fmaxf(round_max, __shfl_xor_sync(0xffffffffu, round_max, 1));
+        round_max = fmaxf(round_max, __shfl_xor_sync(0xffffffffu, round_max, 2));
+        float new_max[kGroup], correction[kGroup];
 #pragma unroll
         for (int h = 0; h < kGroup; ++h) {
-            float s[kTokensPerRound];
-#pragma unroll
-            for (int j = 0; j < kTokensPerRound; ++j) {
-                s[j] = 0.0f;
-#pragma unroll
-                for (int d = 0; d < kDims; ++d) s[j] += qh[h][d] * k[j][d];
-            }
-#pragma unroll
-            for (int offset = bi::kWarp / 2; offset > 0; offset /= 2)
-#pragma unroll
-                for (int j = 0; j < kTokensPerRound; ++j) s[j] += __shfl_xor_sync(0xffffffffu, s[j], offset);
-            float new_max = run_max[h];
-#pragma unroll
-            for (int j = 0; j < kTokensPerRound; ++j)
-                if (base + j < end) new_max = fmaxf(new_max, s[j]);
-            const float correction = exp2f(run_max[h] - new_max);
-            run_sum[h] *= correction;
-#pragma unroll
-            for (int d = 0; d < kDims; ++d) acc[h][d] *= correction;
-#pragma unroll
-            for (int j = 0; j < kTokensPerRound; ++j) {
-                const float p = base + j < end ? exp2f(s[j] - new_max) : 0.0f;
-                run_sum[h] += p;
-#pragma unroll
-                for (int d = 0; d < kDims; ++d) acc[h][d] += p * v[j][d];
-            }
-            run_max[h] = new_max;
+            new_max[h] = fmaxf(run_max[h], __shfl_sync(0xffffffffu, round_max, 4 * h));  // finite: base < end
+            correction[h] = exp2f(run_max[h] - new_max[h]);
+            run_max[h] = new_max[h];
         }
-        kv = next;
+        // This lane's head (lanes of rows 2..15 compute what nobody reads).
+        const float own_max = g == 1 ? new_max[1] : new_max[0], own_correction = g == 1 ? correction[1] : correction[0];
+        const float p0 = exp2f(s0 - own_max), p1 = exp2f(s1 - own_max);
+        run_sum = run_sum * own_correction + p0 + p1;
+#pragma unroll
+        for (int h = 0; h < kGroup; ++h)
+#pragma unroll
+            for (int d = 0; d < kDims; ++d) acc[h][d] *= correction[h];
+#pragma unroll
+        for (int j = 0; j < kTokensPerRound; ++j) {
+            float v[kDims];
+            unpack_dims(v, kv.v[j]);
+#pragma unroll
+            for (int h = 0; h < kGroup; ++h) {
+                const float p = __shfl_sync(0xffffffffu, j % 2 ? p1 : p0, 4 * h + j / 2);
+#pragma unroll
+                for (int d = 0; d < kDims; ++d) acc[h][d] += p * v[d];
+            }
+        }
+        if constexpr (Prefetch) kv = next;
     }
+    run_sum += __shfl_xor_sync(0xffffffffu, run_sum, 1);
+    run_sum += __shfl_xor_sync(0xffffffffu, run_sum, 2);
 
     // Merge the warps (one thread per head and dim), then write this range's partial.
     auto warp_state = reinterpret_cast<float (*)[kGroup][BI_PARTIAL_FLOATS]>(smem);  // [kWarps]
 #pragma unroll
     for (int h = 0; h < kGroup; ++h) {
-        if (lane == 0) warp_state[warp][h][0] = run_max[h], warp_state[warp][h][1] = run_sum[h];
+        if (lane == 4 * h) warp_state[warp][h][0] = run_max[h], warp_state[warp][h][1] = run_sum;
 #pragma unroll
         for (int d = 0; d < kDims; ++d) warp_state[warp][h][2 + lane * kDims + d] = acc[h][d];
     }
@@ -183,7 +214,7 @@ __device__ __forceinline__ void attend_split(const Args &args, int row, int kv_h
         if (best != -INFINITY) {
 #pragma unroll
             for (int w = 0; w < kWarps; ++w) {
-                const float scale_w = exp2f(warp_state[w][h][0] - best);
+                const float scale_w = warp_state[w][h][0] == -INFINITY ? 0.0f : exp2f(warp_state[w][h][0] - best);
                 sum += warp_state[w][h][1] * scale_w;
                 merged += warp_state[w][h][2 + d] * scale_w;
             }

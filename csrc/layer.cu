@@ -437,15 +437,14 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
         if (wait_heads) wait_kv_head(st.arrivals + 1, kv_head, launch);
         if (!stamped) stamp(), stamped = true;
         const float *qkv = st.qkv + static_cast<size_t>(row) * (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
-        // Every warp needs both query heads: each computes them (2 KiB from L2), rounded to bf16
-        // as the separate kernels store them.
-        float qh[kGroup][kDims];
-        const float scale = rsqrtf(static_cast<float>(BI_HEAD_DIM)) * kLog2e;
-#pragma unroll
-        for (int h = 0; h < kGroup; ++h) {
-            norm_rope(qh[h], qkv + (kv_head * kGroup + h) * BI_HEAD_DIM, vec.q_norm, pos, vec.inv_freq, st.eps);
-#pragma unroll
-            for (int d = 0; d < kDims; ++d) qh[h][d] = bi::bf16_to_f32(bi::f32_to_bf16(qh[h][d])) * scale;
+        // Both query heads, normalized and rotated by warps 0 and 1 (lane l: dims 4l..4l+3),
+        // rounded to bf16 as the separate kernels store them, staged in shared memory for the
+        // other warps' mma fragments.
+        bi_bf16 *heads = reinterpret_cast<bi_bf16 *>(smem + kMergeFloats);  // [kGroup][128]
+        if (warp < kGroup) {
+            float qh[kDims];
+            norm_rope(qh, qkv + (kv_head * kGroup + warp) * BI_HEAD_DIM, vec.q_norm, pos, vec.inv_freq, st.eps);
+            store_bf16x4(heads + warp * BI_HEAD_DIM + kDims * lane, qh);
         }
         // The range that ends at `pos` writes the new K and V (attend_split reads them back).
         if (split == active - 1) {
@@ -460,9 +459,11 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
                 const float v[4] = {v4.x, v4.y, v4.z, v4.w};
                 store_bf16x4(w.v_cache + slot, v);
             }
-            bi::sync_compute_warps();
         }
-        attend_split(args, row, kv_head, split, st.splits, pos, table, qh, round0, smem);
+        bi::sync_compute_warps();
+        QueryFragments qa;
+        load_query(qa, heads);
+        attend_split<false>(args, row, kv_head, split, st.splits, pos, table, qa, round0, smem);
         bi::sync_compute_warps();  // shared memory is reused by the next item
     }
     if (!stamped) stamp();

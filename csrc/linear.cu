@@ -3,13 +3,18 @@
 // bf16, or INT8 converted to bf16 fragments in registers with the row scale applied to the sum.
 //
 // Two tilings of the same product, picked by m:
-// - skinny (m <= 64, decode): weights stream straight from global memory into mma fragments
-//   with 16-byte loads; each block owns 8*TN weight rows and its warps split k. The k axis is
-//   permuted inside every 32-column chunk (same permutation for a and w, so the dot product is
-//   unchanged): a thread's 8 contiguous bf16 feed two k16 steps. At m = 1 the tensor core
-//   wastes 15/16 of its rows, which costs nothing in a memory-bound product.
-// - tiled (m > 64, prefill): 128x128x32 block tiles through a 3-stage cp.async pipeline and
-//   ldmatrix, 8 warps of 64x32.
+// - skinny (m <= 16: batch-1 to batch-16 decode, the LM head): weights stream straight from
+//   global memory into mma fragments with 16-byte loads; each block owns 8*TN weight rows and
+//   its warps split k. The k axis is permuted inside every 32-column chunk (same permutation for
+//   a and w, so the dot product is unchanged): a thread's 8 contiguous bf16 feed two k16 steps.
+//   At m = 1 the tensor core wastes 15/16 of its rows, which costs nothing in a memory-bound
+//   product.
+// - tiled (m > 16: larger decode batches, prefill): 64/128-row x 64/128-column block tiles
+//   through a 3-stage cp.async pipeline and ldmatrix, k split across blocks when the tiles
+//   alone leave SMs idle. (Replacing the skinny kernel at m = 32 and 64: it re-read the
+//   activations in every block, 45 and 89 us per layer at m = 32 / 64 on an H200, ncu.)
+#include <algorithm>
+
 #include "matvec.cuh"
 
 namespace {
@@ -37,11 +42,11 @@ struct SkinnyArgs {
 
 // Unroll: 32-column chunks of bf16 weights whose loads a thread has in flight at once (twice as
 // many chunks of INT8 weights: the same bytes).
-template <int MT, int TN, int Warps, int Unroll, int Epilogue, bool Norm, typename W>
+template <int TN, int Warps, int Unroll, int Epilogue, bool Norm, typename W>
 __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs args) {
     using Chunk = bi::WeightChunk<W>;
     constexpr int kLoads = Unroll * sizeof(bi_bf16) / sizeof(W);
-    static_assert(Warps * MT * TN <= 64, "the cross-warp reduction must fit 32 KiB of shared memory");
+    static_assert(Warps * TN <= 64, "the cross-warp reduction must fit 32 KiB of shared memory");
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const int g = lane / 4, q = lane % 4;  // mma fragment coordinates
     const int n0 = blockIdx.x * 8 * TN;
@@ -49,8 +54,8 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
     const int k_begin = warp * k_warp + 8 * q;
 
     bi::allow_next_kernel();
-    __shared__ float inv_rms[MT * 16];
-    float acc[MT][TN][4] = {};
+    __shared__ float inv_rms[16];
+    float acc[TN][4] = {};
     const W *w_rows[TN];
 #pragma unroll
     for (int t = 0; t < TN; ++t)
@@ -76,70 +81,81 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
         for (int u = 0; u < kLoads; ++u) {
             if (c0 + u * kChunk >= k_warp) break;
             const int col = k_begin + c0 + u * kChunk;
+            const uint4 lo = bi::a_chunk<Norm>(args.activations(), g, col, inv_rms);
+            const uint4 hi = bi::a_chunk<Norm>(args.activations(), g + 8, col, inv_rms);
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                const uint4 lo = bi::a_chunk<Norm>(args.activations(), mt * 16 + g, col, inv_rms);
-                const uint4 hi = bi::a_chunk<Norm>(args.activations(), mt * 16 + g + 8, col, inv_rms);
-#pragma unroll
-                for (int t = 0; t < TN; ++t) {
-                    const uint4 b = Chunk::bf16(wv[u][t]);
-                    mma_bf16(acc[mt][t], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
-                    mma_bf16(acc[mt][t], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
-                }
+            for (int t = 0; t < TN; ++t) {
+                const uint4 b = Chunk::bf16(wv[u][t]);
+                mma_bf16(acc[t], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+                mma_bf16(acc[t], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
             }
         }
     }
 
     // Sum the warps' partial products in a fixed order; warp 0 applies the epilogue.
-    __shared__ float partial[Warps][MT * TN * 4][bi::kWarp];
+    __shared__ float partial[Warps][TN * 4][bi::kWarp];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int t = 0; t < TN; ++t)
 #pragma unroll
-        for (int t = 0; t < TN; ++t)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) partial[warp][(mt * TN + t) * 4 + e][lane] = acc[mt][t][e];
+        for (int e = 0; e < 4; ++e) partial[warp][t * 4 + e][lane] = acc[t][e];
     __syncthreads();
     if (warp != 0) return;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+    for (int t = 0; t < TN; ++t) {
+        float v[4];
 #pragma unroll
-        for (int t = 0; t < TN; ++t) {
-            float v[4];
+        for (int e = 0; e < 4; ++e) {
+            v[e] = 0.0f;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int idx = (mt * TN + t) * 4 + e;
-                v[e] = 0.0f;
-#pragma unroll
-                for (int w = 0; w < Warps; ++w) v[e] += partial[w][idx][lane];
-            }
-            const int row = mt * 16 + g, col = n0 + t * 8 + 2 * q;
-            const float2 s = bi::column_scales<W>(args.w.scales, col);
-            if (row < args.m) store_pair<Epilogue>(args.out, args.n, row, col, v[0] * s.x, v[1] * s.y);
-            if (row + 8 < args.m) store_pair<Epilogue>(args.out, args.n, row + 8, col, v[2] * s.x, v[3] * s.y);
+            for (int w = 0; w < Warps; ++w) v[e] += partial[w][t * 4 + e][lane];
         }
+        const int col = n0 + t * 8 + 2 * q;
+        const float2 s = bi::column_scales<W>(args.w.scales, col);
+        if (g < args.m) store_pair<Epilogue>(args.out, args.n, g, col, v[0] * s.x, v[1] * s.y);
+        if (g + 8 < args.m) store_pair<Epilogue>(args.out, args.n, g + 8, col, v[2] * s.x, v[3] * s.y);
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tiled: 128x128 output tiles, k in steps of 32, 3 shared-memory stages. bf16 weight fragments
-// come from ldmatrix; INT8 ones are read two bytes at a time and converted.
+// Tiled: BM x BN output tiles (BM 64 or 128, BN 64 or 128) through a 4-stage cp.async
+// pipeline; 8 warps of (BM/2) x (BN/4). bf16 weight fragments come from ldmatrix; INT8 ones are
+// read two bytes at a time and converted. 64-row tiles (decode batches) step k by 64, so that
+// each block keeps 55 KiB of loads in flight: a decode product streams its weights, and memory
+// latency, not the tensor cores, is what it waits on. When the tiles are too few to fill the
+// SMs (decode batches against the 1,024-wide products), the k axis is split over gridDim.z
+// blocks, at most one per SM in all, so all are resident together: each writes its partial
+// sums to scratch, waits for the tile's other splits, then adds up a share of the tile in split
+// order (the result does not depend on which block finishes first) and applies the epilogue.
 
-constexpr int kTileM = 128, kTileN = 128, kTileK = 32, kStages = 3;
 constexpr int kTiledThreads = 256;
-constexpr int kRowPitch = kTileK + 8;  // bf16 per smem row: 80 bytes, conflict-free ldmatrix
-static_assert((kRowPitch * 2) % 16 == 0, "smem rows must stay 16-byte aligned for cp.async");
-// Bytes per staged weight row: bf16 rows as the A rows; INT8 rows 48 bytes, so the 8 rows of a
-// fragment read fall in distinct banks.
-template <typename W>
-constexpr int w_pitch_bytes() { return sizeof(W) == 1 ? kTileK + 16 : kRowPitch * 2; }
-template <typename W>
-constexpr int stage_bytes() { return kTileM * kRowPitch * 2 + kTileN * w_pitch_bytes<W>(); }
-template <typename W>
-constexpr size_t tiled_smem() { return kStages * stage_bytes<W>(); }
+constexpr int kTiledSmem = 110 * 1024;  // per block: two blocks fit an SM
+constexpr int kMaxSplits = 8;
+constexpr int kMinSplitKTiles = 4;  // k steps per split: shorter ones leave the pipeline empty
+
+template <typename W, int BM, int BN>
+struct Tile {
+    static constexpr int kK = 64;  // k per stage
+    static constexpr int kMT = BM / 32, kNT = BN / 32;  // m16 and n8 fragments per warp
+    static constexpr int kFragments = kMT * kNT;  // x 4 accumulators x 256 threads = BM * BN
+    // Padded smem rows: bf16 rows of kK + 8 (ldmatrix's 8 rows fall in distinct banks); INT8
+    // weight rows of kK + 16 bytes (so do the 8 rows of a fragment read).
+    static constexpr int kAPitch = kK + 8;  // bf16
+    static constexpr int kWPitch = sizeof(W) == 1 ? kK + 16 : kAPitch * 2;  // bytes
+    static constexpr int kAChunks = kK * 2 / 16, kWChunks = kK * sizeof(W) / 16;  // 16-byte chunks per row
+    static constexpr int kStageBytes = BM * kAPitch * 2 + BN * kWPitch;
+    // As many stages as fit: a product of few rows streams its weights, and the bytes each SM
+    // has in flight are what set its bandwidth (4 stages of 64x64 reached 15% of DRAM
+    // bandwidth: ncu, H200).
+    static constexpr int kStages = kTiledSmem / kStageBytes;
+    static constexpr size_t kSmem = kStages * kStageBytes;
+    static_assert(kStages >= 3, "the pipeline needs three stages");
+    static_assert(kNT % 2 == 0, "bf16 B fragments come two n8 tiles per ldmatrix.x4");
+    static_assert(kAPitch * 2 % 16 == 0 && kWPitch % 16 == 0, "smem rows stay 16-byte aligned for cp.async");
+};
 
 __device__ __forceinline__ void cp_async16(void *smem, const void *global, bool valid) {
     const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    const int bytes = valid ? 16 : 0;  // 0: fill with zeros (rows past m)
+    const int bytes = valid ? 16 : 0;  // 0: fill with zeros (rows past m or n)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global), "r"(bytes));
 }
 
@@ -150,107 +166,190 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *smem) 
                  : "r"(addr));
 }
 
-template <int Epilogue, typename W>
-__global__ void __launch_bounds__(kTiledThreads)
-    tiled_kernel(void *out, const bi_bf16 *__restrict__ a, bi_matrix matrix, int m, int n, int k) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    const W *__restrict__ w = static_cast<const W *>(matrix.values);
-    constexpr int kWPitch = w_pitch_bytes<W>(), kWChunks = kTileK * sizeof(W) / 16;  // 16-byte chunks per row
-    const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
-    const int wm = warp / 4, wn = warp % 4;  // warp tile: rows wm*64.., cols wn*32..
-    const int m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
-    const int k_tiles = k / kTileK;
-    bi::allow_next_kernel();
-    bi::wait_for_previous_kernel();
+struct TiledArgs {
+    void *out;
+    const bi_bf16 *a;  // [m, k]
+    bi_matrix w;       // [n, k]
+    int m, n, k;
+    bi_split_scratch split;  // used when gridDim.z > 1
+};
 
-    auto stage_a = [&](int stage) { return reinterpret_cast<bi_bf16 *>(smem + stage * stage_bytes<W>()); };
-    auto stage_w = [&](int stage) { return smem + stage * stage_bytes<W>() + kTileM * kRowPitch * 2; };
-    auto load_stage = [&](int stage, int kt) {
+__device__ __forceinline__ void arrive(int32_t *counter) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(counter) : "memory");
+}
+
+__device__ __forceinline__ int arrivals(const int32_t *counter) {
+    int value;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(value) : "l"(counter) : "memory");
+    return value;
+}
+
+// Split k: the fragments [first, last) of the tile this block adds up and stores, after
+// summing them over the tile's splits (acc then holds the sums there). One block per split.
+template <int kFragments>
+__device__ __forceinline__ int2 reduce_splits(float (&acc)[kFragments][4], const bi_split_scratch &split) {
+    const int splits = gridDim.z, z = blockIdx.z, tile = blockIdx.y * gridDim.x + blockIdx.x;
+    // [splits][kFragments][4][threads]: every thread's stores and loads are coalesced.
+    float *partials = split.partials + static_cast<size_t>(tile) * splits * kFragments * 4 * kTiledThreads;
+    auto at = [&](int s, int f, int e) { return partials + ((s * kFragments + f) * 4 + e) * kTiledThreads + threadIdx.x; };
+#pragma unroll
+    for (int f = 0; f < kFragments; ++f)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) __stcg(at(z, f, e), acc[f][e]);
+    // Arrive (releasing the block's stores, ordered before thread 0's by the barrier), wait for
+    // every split of the tile, add up the share, then leave; the last to leave resets the counter.
+    int32_t *counter = split.counters + tile;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        arrive(counter);
+        while (arrivals(counter) < splits) __nanosleep(64);
+    }
+    __syncthreads();
+    const int2 share = {z * kFragments / splits, (z + 1) * kFragments / splits};
+#pragma unroll
+    for (int f = 0; f < kFragments; ++f) {
+        if (f < share.x || f >= share.y) continue;
+        float part[kMaxSplits][4];  // all loads first: one memory round trip
+#pragma unroll
+        for (int s = 0; s < kMaxSplits; ++s)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) part[s][e] = s < splits && s != z ? __ldcg(at(s, f, e)) : acc[f][e];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int s = 0; s < kMaxSplits; ++s)
+                if (s < splits) sum += part[s][e];
+            acc[f][e] = sum;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int before;
+        asm volatile("atom.acq_rel.gpu.add.s32 %0, [%1], 1;\n" : "=r"(before) : "l"(counter) : "memory");
+        if (before == 2 * splits - 1) *counter = 0;  // every split has read: ready for the next launch
+    }
+    return share;
+}
+
+// grid (n / BN, m / BM rounded up, splits).
+template <int Epilogue, typename W, int BM, int BN>
+__global__ void __launch_bounds__(kTiledThreads) tiled_kernel(TiledArgs args) {
+    using T = Tile<W, BM, BN>;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const W *__restrict__ w = static_cast<const W *>(args.w.values);
+    const bi_bf16 *__restrict__ a = args.a;
+    const int m = args.m, n = args.n, k = args.k;
+    const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
+    const int wm = warp / 4, wn = warp % 4;  // warp tile: rows wm*BM/2.., cols wn*BN/4..
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    constexpr int kStages = T::kStages;
+    const int k_tiles = k / T::kK, splits = gridDim.z;
+    const int kt_begin = blockIdx.z * k_tiles / splits, kt_end = (blockIdx.z + 1) * k_tiles / splits;
+    bi::allow_next_kernel();
+
+    auto stage_a = [&](int stage) { return reinterpret_cast<bi_bf16 *>(smem + stage * T::kStageBytes); };
+    auto stage_w = [&](int stage) { return smem + stage * T::kStageBytes + BM * T::kAPitch * 2; };
+    auto load_a = [&](int stage, int kt) {
         bi_bf16 *sa = stage_a(stage);
+#pragma unroll
+        for (int chunk = threadIdx.x; chunk < BM * T::kAChunks; chunk += kTiledThreads) {
+            const int row = chunk / T::kAChunks, c = (chunk % T::kAChunks) * 8;
+            const int a_row = min(m0 + row, m - 1);
+            cp_async16(sa + row * T::kAPitch + c, a + static_cast<size_t>(a_row) * k + kt * T::kK + c, m0 + row < m);
+        }
+    };
+    auto load_w = [&](int stage, int kt) {
         unsigned char *sw = stage_w(stage);
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {  // 128 rows x 4 chunks of 16 bytes
-            const int chunk = threadIdx.x + i * kTiledThreads, row = chunk / 4, c = (chunk % 4) * 8;
-            const int a_row = min(m0 + row, m - 1);
-            cp_async16(sa + row * kRowPitch + c, a + static_cast<size_t>(a_row) * k + kt * kTileK + c, m0 + row < m);
-        }
-#pragma unroll
-        for (int i = 0; i < kWChunks * kTileN / kTiledThreads; ++i) {
-            const int chunk = threadIdx.x + i * kTiledThreads, row = chunk / kWChunks, c = chunk % kWChunks;
-            cp_async16(sw + row * kWPitch + 16 * c, w + static_cast<size_t>(n0 + row) * k + kt * kTileK + c * 16 / sizeof(W), true);
+        for (int chunk = threadIdx.x; chunk < BN * T::kWChunks; chunk += kTiledThreads) {
+            const int row = chunk / T::kWChunks, c = chunk % T::kWChunks;
+            const int w_row = min(n0 + row, n - 1);
+            cp_async16(sw + row * T::kWPitch + 16 * c, w + static_cast<size_t>(w_row) * k + kt * T::kK + c * 16 / sizeof(W),
+                       n0 + row < n);
         }
     };
 
-    float acc[4][4][4] = {};
+    float acc[T::kMT * T::kNT][4] = {};  // fragment mt * kNT + nt
+    // The first stages' weights load before the wait for the previous kernel (they never depend
+    // on it); each stage's group then closes with its activations (the first group holds every
+    // early weight load, so waiting for it waits for all of them).
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s)
+        if (kt_begin + s < kt_end) load_w(s, kt_begin + s);
+    bi::wait_for_previous_kernel();
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-        if (s < k_tiles) load_stage(s, s);
+        if (kt_begin + s < kt_end) load_a(s, kt_begin + s);
         asm volatile("cp.async.commit_group;\n");
     }
-    for (int kt = 0; kt < k_tiles; ++kt) {
+    for (int kt = kt_begin; kt < kt_end; ++kt) {
+        const int stage = (kt - kt_begin) % kStages;
         asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2));
         __syncthreads();
         const int next = kt + kStages - 1;
-        if (next < k_tiles) load_stage(next % kStages, next);
+        if (next < kt_end) load_w((next - kt_begin) % kStages, next), load_a((next - kt_begin) % kStages, next);
         asm volatile("cp.async.commit_group;\n");
 
-        const bi_bf16 *sa = stage_a(kt % kStages);
-        const unsigned char *sw = stage_w(kt % kStages);
+        const bi_bf16 *sa = stage_a(stage);
+        const unsigned char *sw = stage_w(stage);
 #pragma unroll
-        for (int ks = 0; ks < kTileK; ks += 16) {
-            uint32_t af[4][4], bf[4][2];  // bf[nt]: the two B registers of n8 tile nt
+        for (int ks = 0; ks < T::kK; ks += 16) {
+            uint32_t af[T::kMT][4], bf[T::kNT][2];  // bf[nt]: the two B registers of n8 tile nt
 #pragma unroll
-            for (int mt = 0; mt < 4; ++mt)
-                ldmatrix_x4(af[mt], sa + (wm * 64 + mt * 16 + lane % 16) * kRowPitch + ks + (lane / 16) * 8);
+            for (int mt = 0; mt < T::kMT; ++mt)
+                ldmatrix_x4(af[mt], sa + (wm * (BM / 2) + mt * 16 + lane % 16) * T::kAPitch + ks + (lane / 16) * 8);
             if constexpr (sizeof(W) == 2) {
 #pragma unroll
-                for (int np = 0; np < 2; ++np) {  // two n8 tiles per ldmatrix.x4
+                for (int np = 0; np < T::kNT / 2; ++np) {  // two n8 tiles per ldmatrix.x4
                     uint32_t r[4];
                     ldmatrix_x4(r, reinterpret_cast<const bi_bf16 *>(sw) +
-                                       (wn * 32 + np * 16 + lane % 8 + (lane / 16) * 8) * kRowPitch + ks + ((lane / 8) % 2) * 8);
+                                       (wn * (BN / 4) + np * 16 + lane % 8 + (lane / 16) * 8) * T::kAPitch + ks + ((lane / 8) % 2) * 8);
                     bf[2 * np][0] = r[0], bf[2 * np][1] = r[1], bf[2 * np + 1][0] = r[2], bf[2 * np + 1][1] = r[3];
                 }
             } else {
                 const int g = lane / 4, q = lane % 4;  // B fragment: row g, k 2q, 2q + 1 and 2q + 8, 2q + 9
 #pragma unroll
-                for (int nt = 0; nt < 4; ++nt) {
-                    const unsigned char *row = sw + (wn * 32 + nt * 8 + g) * kWPitch + ks + 2 * q;
+                for (int nt = 0; nt < T::kNT; ++nt) {
+                    const unsigned char *row = sw + (wn * (BN / 4) + nt * 8 + g) * T::kWPitch + ks + 2 * q;
                     bf[nt][0] = bi::int8x2_to_bf16x2(*reinterpret_cast<const uint16_t *>(row));
                     bf[nt][1] = bi::int8x2_to_bf16x2(*reinterpret_cast<const uint16_t *>(row + 8));
                 }
             }
 #pragma unroll
-            for (int mt = 0; mt < 4; ++mt)
+            for (int mt = 0; mt < T::kMT; ++mt)
 #pragma unroll
-                for (int nt = 0; nt < 4; ++nt)
-                    mma_bf16(acc[mt][nt], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[nt][0], bf[nt][1]);
+                for (int nt = 0; nt < T::kNT; ++nt)
+                    mma_bf16(acc[mt * T::kNT + nt], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[nt][0], bf[nt][1]);
         }
     }
     asm volatile("cp.async.wait_group 0;\n");
+    const int2 share = splits > 1 ? reduce_splits(acc, args.split) : int2{0, T::kFragments};
 
     const int g = lane / 4, q = lane % 4;
 #pragma unroll
-    for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-            const int row = m0 + wm * 64 + mt * 16 + g, col = n0 + wn * 32 + nt * 8 + 2 * q;
-            const float2 s = bi::column_scales<W>(matrix.scales, col);
-            if (row < m) store_pair<Epilogue>(out, n, row, col, acc[mt][nt][0] * s.x, acc[mt][nt][1] * s.y);
-            if (row + 8 < m) store_pair<Epilogue>(out, n, row + 8, col, acc[mt][nt][2] * s.x, acc[mt][nt][3] * s.y);
-        }
+    for (int f = 0; f < T::kFragments; ++f) {
+        if (f < share.x || f >= share.y) continue;
+        const int mt = f / T::kNT, nt = f % T::kNT;
+        const int row = m0 + wm * (BM / 2) + mt * 16 + g, col = n0 + wn * (BN / 4) + nt * 8 + 2 * q;
+        if (col >= n) continue;
+        const float2 s = bi::column_scales<W>(args.w.scales, col);
+        if (row < m) store_pair<Epilogue>(args.out, n, row, col, acc[f][0] * s.x, acc[f][1] * s.y);
+        if (row + 8 < m) store_pair<Epilogue>(args.out, n, row + 8, col, acc[f][2] * s.x, acc[f][3] * s.y);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 
 // Warps per block: `base`, halved until the cross-warp reduction fits its shared memory.
-constexpr int fitted_warps(int base, int mt, int tn) { return base * mt * tn <= 64 ? base : fitted_warps(base / 2, mt, tn); }
+constexpr int fitted_warps(int base, int tn) { return base * tn <= 64 ? base : fitted_warps(base / 2, tn); }
 
-template <int MT, int TN, int BaseWarps, int Unroll, int Epilogue, bool Norm>
+template <int TN, int BaseWarps, int Unroll, int Epilogue, bool Norm>
 cudaError_t launch_skinny_shape(const SkinnyArgs &args, cudaStream_t stream) {
-    constexpr int warps = fitted_warps(BaseWarps, MT, TN);
+    constexpr int warps = fitted_warps(BaseWarps, TN);
     if (args.k % (warps * kChunk) != 0 || args.n % (8 * TN) != 0) return cudaErrorInvalidValue;
     return bi::with_weight_type(args.w, [&](auto type) {
-        return bi::launch(skinny_kernel<MT, TN, warps, Unroll, Epilogue, Norm, decltype(type)>, dim3(args.n / (8 * TN)),
+        return bi::launch(skinny_kernel<TN, warps, Unroll, Epilogue, Norm, decltype(type)>, dim3(args.n / (8 * TN)),
                           dim3(warps * bi::kWarp), 0, stream, args);
     });
 }
@@ -259,50 +358,86 @@ cudaError_t launch_skinny_shape(const SkinnyArgs &args, cudaStream_t stream) {
 // every warp holding 4-8 weight loads in flight: the LM head's 151936 rows in 16-row blocks of
 // 4 warps; gate/up (6144) in 24-row blocks and qkv (4096) in 16-row blocks of 8 warps; the
 // 1024-row products in 8-row blocks of 16 warps splitting k.
-template <int MT, int Epilogue, bool Norm>
+template <int Epilogue, bool Norm>
 cudaError_t launch_skinny(const SkinnyArgs &args, cudaStream_t stream) {
-    if (args.n > 8192) return launch_skinny_shape<MT, 2, 4, 8, Epilogue, Norm>(args, stream);
-    if (args.n >= 6144 && args.n % 24 == 0) return launch_skinny_shape<MT, 3, 8, 4, Epilogue, Norm>(args, stream);
-    if (args.n >= 4096 && args.n % 16 == 0) return launch_skinny_shape<MT, 2, 8, 4, Epilogue, Norm>(args, stream);
-    return launch_skinny_shape<MT, 1, 16, 8, Epilogue, Norm>(args, stream);
+    if (args.n > 8192) return launch_skinny_shape<2, 4, 8, Epilogue, Norm>(args, stream);
+    if (args.n >= 6144 && args.n % 24 == 0) return launch_skinny_shape<3, 8, 4, Epilogue, Norm>(args, stream);
+    if (args.n >= 4096 && args.n % 16 == 0) return launch_skinny_shape<2, 8, 4, Epilogue, Norm>(args, stream);
+    return launch_skinny_shape<1, 16, 8, Epilogue, Norm>(args, stream);
 }
 
+int multiprocessors() {
+    static const int count = [] {
+        int device = 0, sms = 0;
+        if (cudaGetDevice(&device) != cudaSuccess ||
+            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+            return 1;
+        return sms;
+    }();
+    return count;
+}
+
+// Splits of k for `tiles` output tiles: at most `resident` blocks per SM in all (the splits of
+// a tile wait for each other, so all must be resident at once), at least kMinSplitKTiles k
+// steps each, within the scratch (unsplit without it).
+int split_count(int tiles, int k_tiles, int resident, size_t tile_floats, const bi_split_scratch &split) {
+    const int slots = multiprocessors() * resident;
+    int splits = tiles >= slots ? 1 : std::min({slots / tiles, kMaxSplits, k_tiles / kMinSplitKTiles});
+    while (splits > 1 && (split.partials == nullptr || tiles > split.tiles ||
+                          static_cast<size_t>(tiles) * splits * tile_floats > split.floats))
+        --splits;
+    return std::max(splits, 1);
+}
+
+template <int Epilogue, typename W, int BM, int BN>
+cudaError_t launch_tiled_shape(const TiledArgs &args, cudaStream_t stream) {
+    using T = Tile<W, BM, BN>;
+    const auto kernel = tiled_kernel<Epilogue, W, BM, BN>;
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(T::kSmem));
+    if (e != cudaSuccess) return e;
+    const int tiles_n = (args.n + BN - 1) / BN, tiles_m = (args.m + BM - 1) / BM;
+    int resident = 0;
+    const cudaError_t occupancy = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kTiledThreads, T::kSmem);
+    if (occupancy != cudaSuccess) return occupancy;
+    const int splits = split_count(tiles_n * tiles_m, args.k / T::kK, resident, BM * BN, args.split);
+    return bi::launch(kernel, dim3(tiles_n, tiles_m, splits), dim3(kTiledThreads), T::kSmem, stream, args);
+}
+
+// Tiles of 64 rows up to m = 64, else 128; 64 columns where 128-column tiles would not fill
+// the SMs.
 template <int Epilogue>
-cudaError_t launch_tiled(void *out, const bi_bf16 *a, bi_matrix w, int m, int n, int k, cudaStream_t stream) {
-    if (n % kTileN != 0 || k % kTileK != 0) return cudaErrorInvalidValue;
-    return bi::with_weight_type(w, [&](auto type) {
+cudaError_t launch_tiled(const TiledArgs &args, cudaStream_t stream) {
+    if (args.k % 64 != 0) return cudaErrorInvalidValue;
+    const bool wide = (args.n / 128) * ((args.m + 127) / 128) >= multiprocessors();
+    return bi::with_weight_type(args.w, [&](auto type) {
         using W = decltype(type);
-        constexpr size_t smem = tiled_smem<W>();
-        const cudaError_t e =
-            cudaFuncSetAttribute(tiled_kernel<Epilogue, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-        if (e != cudaSuccess) return e;
-        const dim3 grid(n / kTileN, (m + kTileM - 1) / kTileM);
-        return bi::launch(tiled_kernel<Epilogue, W>, grid, dim3(kTiledThreads), smem, stream, out, a, w, m, n, k);
+        if (args.m <= 64)
+            return wide ? launch_tiled_shape<Epilogue, W, 64, 128>(args, stream) : launch_tiled_shape<Epilogue, W, 64, 64>(args, stream);
+        return wide ? launch_tiled_shape<Epilogue, W, 128, 128>(args, stream) : launch_tiled_shape<Epilogue, W, 128, 64>(args, stream);
     });
 }
 
-// m <= 64: skinny (norm fused); larger m: RMSNorm into `scratch`, then the tiled product.
+// m <= BI_SKINNY_ROWS: skinny (norm fused); larger m: RMSNorm into `scratch`, then the tiled product.
 template <int Epilogue, bool Norm>
-cudaError_t launch_linear(const SkinnyArgs &args, bi_bf16 *scratch, cudaStream_t stream) {
-    if (args.m <= 16) return launch_skinny<1, Epilogue, Norm>(args, stream);
-    if (args.m <= 32) return launch_skinny<2, Epilogue, Norm>(args, stream);
-    if (args.m <= 64) return launch_skinny<4, Epilogue, Norm>(args, stream);
+cudaError_t launch_linear(const SkinnyArgs &args, bi_bf16 *scratch, const bi_split_scratch &split, cudaStream_t stream) {
+    if (args.m <= BI_SKINNY_ROWS) return launch_skinny<Epilogue, Norm>(args, stream);
     const bi_bf16 *a = static_cast<const bi_bf16 *>(args.a);
     if constexpr (Norm) {
         const cudaError_t e = bi_rmsnorm(scratch, static_cast<const float *>(args.a), args.norm, args.m, args.k, args.eps, stream);
         if (e != cudaSuccess) return e;
         a = scratch;
     }
-    return launch_tiled<Epilogue>(args.out, a, args.w, args.m, args.n, args.k, stream);
+    return launch_tiled<Epilogue>(TiledArgs{args.out, a, args.w, args.m, args.n, args.k, split}, stream);
 }
 
 template <bool Norm>
-cudaError_t dispatch(const SkinnyArgs &args, bi_epilogue epilogue, bi_bf16 *scratch, cudaStream_t stream) {
+cudaError_t dispatch(const SkinnyArgs &args, bi_epilogue epilogue, bi_bf16 *scratch, const bi_split_scratch &split,
+                     cudaStream_t stream) {
     if (args.m <= 0 || args.n <= 0 || args.k <= 0 || args.n % 16 != 0) return cudaErrorInvalidValue;
     switch (epilogue) {
-        case BI_EPILOGUE_STORE_F32: return launch_linear<BI_EPILOGUE_STORE_F32, Norm>(args, scratch, stream);
-        case BI_EPILOGUE_ADD_RESIDUAL: return launch_linear<BI_EPILOGUE_ADD_RESIDUAL, Norm>(args, scratch, stream);
-        case BI_EPILOGUE_SWIGLU: return launch_linear<BI_EPILOGUE_SWIGLU, Norm>(args, scratch, stream);
+        case BI_EPILOGUE_STORE_F32: return launch_linear<BI_EPILOGUE_STORE_F32, Norm>(args, scratch, split, stream);
+        case BI_EPILOGUE_ADD_RESIDUAL: return launch_linear<BI_EPILOGUE_ADD_RESIDUAL, Norm>(args, scratch, split, stream);
+        case BI_EPILOGUE_SWIGLU: return launch_linear<BI_EPILOGUE_SWIGLU, Norm>(args, scratch, split, stream);
     }
     return cudaErrorInvalidValue;
 }
@@ -310,12 +445,12 @@ cudaError_t dispatch(const SkinnyArgs &args, bi_epilogue epilogue, bi_bf16 *scra
 }  // namespace
 
 extern "C" cudaError_t bi_linear(void *out, const bi_bf16 *a, bi_matrix w, int m, int n, int k,
-                                 bi_epilogue epilogue, cudaStream_t stream) {
-    return dispatch<false>(SkinnyArgs{out, a, nullptr, w, m, n, k, 0.0f}, epilogue, nullptr, stream);
+                                 bi_epilogue epilogue, bi_split_scratch split, cudaStream_t stream) {
+    return dispatch<false>(SkinnyArgs{out, a, nullptr, w, m, n, k, 0.0f}, epilogue, nullptr, split, stream);
 }
 
 extern "C" cudaError_t bi_norm_linear(void *out, const float *x, const bi_bf16 *norm, float eps, bi_matrix w,
                                       bi_bf16 *scratch, int m, int n, int k, bi_epilogue epilogue,
-                                      cudaStream_t stream) {
-    return dispatch<true>(SkinnyArgs{out, x, norm, w, m, n, k, eps}, epilogue, scratch, stream);
+                                      bi_split_scratch split, cudaStream_t stream) {
+    return dispatch<true>(SkinnyArgs{out, x, norm, w, m, n, k, eps}, epilogue, scratch, split, stream);
 }

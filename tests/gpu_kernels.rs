@@ -5,7 +5,7 @@ mod common;
 
 use braidinfer::config::ModelConfig;
 use braidinfer::gpu::kernels::{
-    self, Epilogue, LayerCache, Matrix, Rows, SampleState, SamplingParamsRaw,
+    self, Epilogue, LayerCache, Matrix, Rows, SampleState, SamplingParamsRaw, SplitScratch,
 };
 use braidinfer::gpu::weights::rope_inv_freq;
 use braidinfer::gpu::Gpu;
@@ -159,6 +159,7 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, (m, n, k): (usize, usize, us
     let a = bits_to_f32(&a_bits);
     let expected = matmul_ref(&a, &w, m, n, k);
     let d_a = gpu.upload(&a_bits).unwrap();
+    let mut split = SplitScratch::new(gpu, m).unwrap();
 
     // Store: f32 accumulation of exact bf16 products (INT8 values are exact in bf16, and the
     // row scale multiplies the sum once); only the summation order differs.
@@ -170,6 +171,7 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, (m, n, k): (usize, usize, us
         d_w.view(),
         (m, n, k),
         Epilogue::Store,
+        &mut split,
     )
     .unwrap();
     let out = gpu.download(&d_out).unwrap();
@@ -178,6 +180,26 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, (m, n, k): (usize, usize, us
     assert!(
         err < 1e-5,
         "linear m={m} n={n} k={k} int8={int8}: relative L2 {err:.2e}"
+    );
+    // Bit-identical when repeated: split-k partials are added in split order, whichever block
+    // finishes last.
+    let mut again = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
+    kernels::linear(
+        gpu,
+        &mut again,
+        &d_a,
+        d_w.view(),
+        (m, n, k),
+        Epilogue::Store,
+        &mut split,
+    )
+    .unwrap();
+    let again = gpu.download(&again).unwrap();
+    assert!(
+        out.iter()
+            .zip(&again)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "linear m={m} n={n} k={k} int8={int8}: a repeated product differs"
     );
 
     // AddResidual: adds onto what is there.
@@ -190,6 +212,7 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, (m, n, k): (usize, usize, us
         d_w.view(),
         (m, n, k),
         Epilogue::AddResidual,
+        &mut split,
     )
     .unwrap();
     let x = gpu.download(&d_x).unwrap();
@@ -223,6 +246,7 @@ fn run_norm_linear_case(
     let expected = matmul_ref(&a, &w, m, n, k);
     let (d_x, d_norm) = (gpu.upload(&x).unwrap(), gpu.upload(&norm_bits).unwrap());
     let mut scratch = gpu.alloc::<u16>(m * k).unwrap();
+    let mut split = SplitScratch::new(gpu, m).unwrap();
     let mut d_out = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
     kernels::norm_linear(
         gpu,
@@ -234,6 +258,7 @@ fn run_norm_linear_case(
         &mut scratch,
         (m, n, k),
         kernels::NormEpilogue::Store,
+        &mut split,
     )
     .unwrap();
     let out = gpu.download(&d_out).unwrap();
@@ -258,6 +283,7 @@ fn run_norm_linear_case(
         &mut scratch,
         (m, n, k),
         kernels::NormEpilogue::SwiGlu,
+        &mut split,
     )
     .unwrap();
     let act = bits_to_f32(&gpu.download(&d_act).unwrap());
@@ -283,17 +309,20 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
         return;
     };
     let mut rng = common::fresh_rng("gpu_linear");
-    // Skinny tilings (m <= 64) and the tiled one (m > 64), with the model's k and both n paths,
-    // for bf16 and INT8 weights.
+    // Skinny tilings (m <= 16) and the tiled ones (64 or 128 rows, 64 or 128 columns; k split
+    // across blocks where the tiles are few: m = 17, 33, 40, 64, 65, 256 here), with the
+    // model's k and both n paths, for bf16 and INT8 weights; n = 1040 ends in a partial tile.
     for int8 in [false, true] {
         for &dims in &[
             (1, 1024, 3072),
             (3, 4096, 1024),
             (16, 6144, 1024),
             (17, 1024, 2048),
+            (33, 1040, 2048),
             (64, 2048, 1024),
             (65, 256, 1024),
             (200, 384, 3072),
+            (256, 1024, 3072),
         ] {
             run_linear_case(&gpu, &mut rng, dims, int8);
         }
@@ -314,6 +343,7 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
         Matrix::Bf16(gpu.alloc::<u16>(16 * 100).unwrap()).view(),
         (1, 16, 100),
         Epilogue::Store,
+        &mut SplitScratch::new(&gpu, 1).unwrap(),
     );
     assert!(refused.is_err(), "k = 100 must be refused");
 }

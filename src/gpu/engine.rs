@@ -34,7 +34,7 @@ pub struct EngineOptions {
     pub quant: Quant,
     /// A sequence's logits bit-identical whatever batch it is decoded in and whatever slot it
     /// holds: every batch runs the fused layer kernel on 16-row chunks with the same attention
-    /// ranges, and the LM head on 64-row chunks (slower than the default above 16 sequences).
+    /// ranges, and the LM head on 16-row chunks (slower than the default above 16 sequences).
     /// Needs a GPU with the fused kernel's SMs.
     pub batch_invariant: bool,
 }
@@ -70,7 +70,7 @@ const INVARIANT_SPLITS: usize = 4;
 /// most whose product keeps the per-row arithmetic of one row (the skinny kernel's limit).
 fn lm_head_rows(rows: usize, batch_invariant: bool) -> usize {
     if batch_invariant {
-        rows.min(64)
+        rows.min(kernels::SKINNY_ROWS)
     } else {
         rows
     }

@@ -35,6 +35,8 @@ pub const BLOCK_TOKENS: usize = ffi::BI_BLOCK_TOKENS as usize;
 pub const PARTIAL_FLOATS: usize = ffi::BI_PARTIAL_FLOATS as usize;
 pub const MAX_SPLITS: usize = ffi::BI_MAX_SPLITS as usize;
 pub const FUSED_DECODE_MIN_SMS: usize = ffi::BI_FUSED_DECODE_MIN_SMS as usize;
+/// Rows above which products run tiled (and may split k); at or below, skinny.
+pub const SKINNY_ROWS: usize = ffi::BI_SKINNY_ROWS as usize;
 pub const SAMPLE_CHUNKS: usize = ffi::BI_SAMPLE_CHUNKS as usize;
 pub const MAX_TOP_K: usize = ffi::BI_MAX_TOP_K as usize;
 pub const Q_WIDTH: usize = Q_HEADS * HEAD_DIM;
@@ -151,6 +153,38 @@ pub enum Epilogue {
     AddResidual,
 }
 
+/// Scratch for products whose k axis is split across blocks (`bi_split_scratch`): partial sums
+/// of two 128x128 tiles per SM (the most blocks a split product runs: all resident at once)
+/// and a completion counter per tile (kept zero between launches). Products of up to
+/// SKINNY_ROWS rows never split, so their scratch is empty.
+pub struct SplitScratch {
+    partials: CudaSlice<f32>,
+    counters: CudaSlice<i32>,
+}
+
+impl SplitScratch {
+    pub fn new(gpu: &Gpu, rows: usize) -> Result<Self> {
+        let tiles = if rows > SKINNY_ROWS {
+            2 * gpu.multiprocessors()?
+        } else {
+            0
+        };
+        Ok(Self {
+            partials: gpu.alloc(tiles * 128 * 128)?,
+            counters: gpu.alloc(tiles)?,
+        })
+    }
+
+    fn raw(&mut self, gpu: &Gpu) -> ffi::bi_split_scratch {
+        ffi::bi_split_scratch {
+            floats: self.partials.len(),
+            tiles: self.counters.len() as i32,
+            partials: pm(gpu, &mut self.partials),
+            counters: pm(gpu, &mut self.counters),
+        }
+    }
+}
+
 fn fits<T>(buffer: &impl DeviceSlice<T>, needed: usize, name: &str) -> Result<()> {
     ensure!(
         buffer.len() >= needed,
@@ -239,6 +273,7 @@ pub fn linear(
     w: MatrixRef<'_>,
     (m, n, k): (usize, usize, usize),
     epilogue: Epilogue,
+    split: &mut SplitScratch,
 ) -> Result<()> {
     fits(out, m * n, "linear out")?;
     fits(a, m * k, "linear a")?;
@@ -258,6 +293,7 @@ pub fn linear(
             ni,
             ki,
             kind,
+            split.raw(gpu),
             gpu.raw_stream(),
         )
     };
@@ -265,7 +301,7 @@ pub fn linear(
 }
 
 /// out f32 [m, n] (= or +=) rmsnorm(x[m, k]) * norm . w[n, k]^T: RMSNorm fused in front of the
-/// product (`scratch` [m, k] bf16 holds the normalized rows when m > 64).
+/// product (`scratch` [m, k] bf16 holds the normalized rows when m > SKINNY_ROWS).
 #[allow(clippy::too_many_arguments)]
 pub fn norm_linear<O>(
     gpu: &Gpu,
@@ -277,6 +313,7 @@ pub fn norm_linear<O>(
     scratch: &mut impl DevicePtrMut<u16>,
     (m, n, k): (usize, usize, usize),
     epilogue: NormEpilogue,
+    split: &mut SplitScratch,
 ) -> Result<()> {
     let out_len = match epilogue {
         NormEpilogue::Store => m * n,
@@ -305,6 +342,7 @@ pub fn norm_linear<O>(
             ni,
             ki,
             kind,
+            split.raw(gpu),
             gpu.raw_stream(),
         )
     };
