@@ -250,24 +250,38 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(TiledArgs args) {
 
     auto stage_a = [&](int stage) { return reinterpret_cast<bi_bf16 *>(smem + stage * T::kStageBytes); };
     auto stage_w = [&](int stage) { return smem + stage * T::kStageBytes + BM * T::kAPitch * 2; };
-    auto load_a = [&](int stage, int kt) {
-        bi_bf16 *sa = stage_a(stage);
+    // This thread's 16-byte chunks of every stage: the source at k = 0, the smem offset, and
+    // whether the row exists (rows past m or n are zero-filled). Computed once: recomputing the
+    // addresses per stage cost more issue slots than the stage's mma.
+    constexpr int kAIters = BM * T::kAChunks / kTiledThreads, kWIters = BN * T::kWChunks / kTiledThreads;
+    static_assert(BM * T::kAChunks % kTiledThreads == 0 && BN * T::kWChunks % kTiledThreads == 0, "whole chunks per thread");
+    const bi_bf16 *a_src[kAIters];
+    const W *w_src[kWIters];
+    int a_dst[kAIters], w_dst[kWIters];
+    bool a_valid[kAIters], w_valid[kWIters];
 #pragma unroll
-        for (int chunk = threadIdx.x; chunk < BM * T::kAChunks; chunk += kTiledThreads) {
-            const int row = chunk / T::kAChunks, c = (chunk % T::kAChunks) * 8;
-            const int a_row = min(m0 + row, m - 1);
-            cp_async16(sa + row * T::kAPitch + c, a + static_cast<size_t>(a_row) * k + kt * T::kK + c, m0 + row < m);
-        }
+    for (int i = 0; i < kAIters; ++i) {
+        const int chunk = threadIdx.x + i * kTiledThreads, row = chunk / T::kAChunks, c = chunk % T::kAChunks * 8;
+        a_src[i] = a + static_cast<size_t>(min(m0 + row, m - 1)) * k + c;
+        a_dst[i] = (row * T::kAPitch + c) * 2;
+        a_valid[i] = m0 + row < m;
+    }
+#pragma unroll
+    for (int i = 0; i < kWIters; ++i) {
+        const int chunk = threadIdx.x + i * kTiledThreads, row = chunk / T::kWChunks, c = chunk % T::kWChunks;
+        w_src[i] = w + static_cast<size_t>(min(n0 + row, n - 1)) * k + c * 16 / sizeof(W);
+        w_dst[i] = row * T::kWPitch + 16 * c;
+        w_valid[i] = n0 + row < n;
+    }
+    auto load_a = [&](int stage, int kt) {
+        unsigned char *sa = reinterpret_cast<unsigned char *>(stage_a(stage));
+#pragma unroll
+        for (int i = 0; i < kAIters; ++i) cp_async16(sa + a_dst[i], a_src[i] + kt * T::kK, a_valid[i]);
     };
     auto load_w = [&](int stage, int kt) {
         unsigned char *sw = stage_w(stage);
 #pragma unroll
-        for (int chunk = threadIdx.x; chunk < BN * T::kWChunks; chunk += kTiledThreads) {
-            const int row = chunk / T::kWChunks, c = chunk % T::kWChunks;
-            const int w_row = min(n0 + row, n - 1);
-            cp_async16(sw + row * T::kWPitch + 16 * c, w + static_cast<size_t>(w_row) * k + kt * T::kK + c * 16 / sizeof(W),
-                       n0 + row < n);
-        }
+        for (int i = 0; i < kWIters; ++i) cp_async16(sw + w_dst[i], w_src[i] + kt * T::kK, w_valid[i]);
     };
 
     float acc[T::kMT * T::kNT][4] = {};  // fragment mt * kNT + nt

@@ -2,7 +2,7 @@
 # One GPU-machine session over the bundle (run from the repository root with dist/ carried):
 # the GPU tests, the transformers parity check, the decode benchmark and a CLI run, each logged
 # under $OUT, with a short summary last.
-# Usage: scripts/device-run.sh [tests|parity|bench|int8|quant|sanitizer|cli|sweep]...
+# Usage: scripts/device-run.sh [tests|parity|bench|int8|quant|kernels|sanitizer|cli|sweep|sweep-int8|sweep-invariant]...
 set -uo pipefail
 # Logs go to a scratch folder, then into $OUT/logs.tar.gz (the device tool returns few files).
 results=${OUT:-/tmp/braidinfer-out}
@@ -24,8 +24,14 @@ for step in $steps; do
               summary+=("$(grep -E '^ *1024 ' "$out/decode-int8.txt" | sed 's/^ */int8 decode ctx /')") ;;
         quant) dist/quant-compare --synthetic --json "$out/quant-compare.json" 2>&1 | tee "$out/quant-compare.txt"
                summary+=("$(grep -E 'speed-up|margin >= 0.05' "$out/quant-compare.txt" | tr '\n' ';')") ;;
+        kernels) dist/benches/kernels 2>&1 | tee "$out/kernels.txt"
+                 summary+=("kernels: $(grep -E '^one layer' "$out/kernels.txt")") ;;
         sweep) dist/sweep --json "$out/sweep.json" --csv "$out/sweep.csv" --plot "$out/sweep.svg" 2>&1 | tee "$out/sweep.txt"
                summary+=("sweep: $(grep -cE '^ +[0-9]+ +[0-9]+ ' "$out/sweep.txt") points") ;;
+        sweep-int8) dist/sweep --quant int8 --json "$out/sweep-int8.json" 2>&1 | tee "$out/sweep-int8.txt"
+                    summary+=("sweep int8: $(grep -cE '^ +[0-9]+ +[0-9]+ ' "$out/sweep-int8.txt") points") ;;
+        sweep-invariant) dist/sweep --batch-invariant --json "$out/sweep-invariant.json" 2>&1 | tee "$out/sweep-invariant.txt"
+                         summary+=("sweep batch-invariant: $(grep -cE '^ +[0-9]+ +[0-9]+ ' "$out/sweep-invariant.txt") points") ;;
         sanitizer) for tool in memcheck racecheck synccheck; do
                        compute-sanitizer --tool $tool --error-exitcode 9 dist/braidinfer --synthetic --layers 2 \
                            --prompt "Hello there" --max-tokens 4 --temperature 0.7 >"$out/sanitizer-$tool.txt" 2>&1
@@ -33,7 +39,11 @@ for step in $steps; do
                    done
                    compute-sanitizer --tool memcheck --error-exitcode 9 dist/braidinfer --synthetic --layers 2 --quant int8 \
                        --prompt "Hello there" --max-tokens 4 >"$out/sanitizer-int8.txt" 2>&1
-                   summary+=("compute-sanitizer memcheck, int8 weights: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitizer-int8.txt" | tail -n 1))") ;;
+                   summary+=("compute-sanitizer memcheck, int8 weights: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitizer-int8.txt" | tail -n 1))")
+                   # The tiled products (split k included) and attention at every shape the tests use.
+                   compute-sanitizer --tool memcheck --error-exitcode 9 dist/tests/gpu_kernels --test-threads 1 linear attention \
+                       >"$out/sanitizer-kernels.txt" 2>&1
+                   summary+=("compute-sanitizer memcheck, kernel tests (linear, attention): exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitizer-kernels.txt" | tail -n 1))") ;;
         cli) dist/braidinfer --synthetic --prompt "Write a haiku about GPUs." --max-tokens 48 --stats 2>&1 | tee "$out/cli.txt"
              summary+=("$(tail -n 1 "$out/cli.txt")") ;;
     esac
