@@ -41,7 +41,7 @@ for step in $steps; do
                        --prompt "Hello there" --max-tokens 4 >"$out/sanitizer-int8.txt" 2>&1
                    summary+=("compute-sanitizer memcheck, int8 weights: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitizer-int8.txt" | tail -n 1))")
                    # The tiled products (split k included) and attention at every shape the tests use.
-                   compute-sanitizer --tool memcheck --error-exitcode 9 dist/tests/gpu_kernels --test-threads 1 linear attention \
+                   timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 dist/tests/gpu_kernels --test-threads 1 linear attention \
                        >"$out/sanitizer-kernels.txt" 2>&1
                    summary+=("compute-sanitizer memcheck, kernel tests (linear, attention): exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitizer-kernels.txt" | tail -n 1))") ;;
         cli) dist/braidinfer --synthetic --prompt "Write a haiku about GPUs." --max-tokens 48 --stats 2>&1 | tee "$out/cli.txt"
