@@ -10,8 +10,8 @@ use cudarc::driver::{sys, CudaSlice};
 
 use braidinfer::bench::{copy_bandwidth, Timer};
 use braidinfer::gpu::kernels::{
-    self, Epilogue, LayerCache, Matrix, MatrixRef, NormEpilogue, Rows, SplitScratch, HIDDEN,
-    INTERMEDIATE, KV_WIDTH, QKV_WIDTH, Q_WIDTH,
+    self, Epilogue, LayerCache, Matrix, MatrixRef, NormEpilogue, Rows, HIDDEN, INTERMEDIATE,
+    KV_WIDTH, QKV_WIDTH, Q_WIDTH,
 };
 use braidinfer::gpu::Gpu;
 use braidinfer::rng::SplitMix64;
@@ -79,7 +79,6 @@ fn main() -> Result<()> {
     let x = gpu.upload(&(0..HIDDEN).map(|_| rng.centered(1.0)).collect::<Vec<f32>>())?;
     let mut residual = gpu.alloc::<f32>(HIDDEN)?;
     let mut scratch = gpu.alloc::<u16>(HIDDEN)?;
-    let mut split = SplitScratch::new(&gpu, 1)?;
     let mut qkv_out = gpu.upload(
         &(0..QKV_WIDTH)
             .map(|_| rng.centered(1.0))
@@ -124,7 +123,6 @@ fn main() -> Result<()> {
                 &mut scratch,
                 (1, QKV_WIDTH, HIDDEN),
                 NormEpilogue::Store,
-                &mut split,
             )
         })?,
     ));
@@ -182,7 +180,6 @@ fn main() -> Result<()> {
                 MatrixRef::Bf16(&o[i]),
                 (1, HIDDEN, Q_WIDTH),
                 Epilogue::AddResidual,
-                &mut split,
             )
         })?,
     ));
@@ -200,7 +197,6 @@ fn main() -> Result<()> {
                 &mut scratch,
                 (1, 2 * INTERMEDIATE, HIDDEN),
                 NormEpilogue::SwiGlu,
-                &mut split,
             )
         })?,
     ));
@@ -215,7 +211,6 @@ fn main() -> Result<()> {
                 MatrixRef::Bf16(&down[i]),
                 (1, HIDDEN, INTERMEDIATE),
                 Epilogue::AddResidual,
-                &mut split,
             )
         })?,
     ));
@@ -233,7 +228,6 @@ fn main() -> Result<()> {
                 &mut scratch,
                 (1, 151_936, HIDDEN),
                 NormEpilogue::Store,
-                &mut split,
             )
         })
     };
@@ -372,7 +366,6 @@ fn batched_products(
     let mut residual = gpu.alloc::<f32>(MOST_ROWS * HIDDEN)?;
     let mut act = gpu.alloc::<u16>(MOST_ROWS * INTERMEDIATE)?;
     let mut scratch = gpu.alloc::<u16>(MOST_ROWS * HIDDEN)?;
-    let mut split = SplitScratch::new(gpu, MOST_ROWS)?;
     println!("decode products of m rows (graphs of {LAYERS} launches; the LM head 1):");
     println!(
         "{:>4} {:<8} {:>9} {:>9} {:>9}",
@@ -390,7 +383,6 @@ fn batched_products(
                 &mut scratch,
                 (m, QKV_WIDTH, HIDDEN),
                 NormEpilogue::Store,
-                &mut split,
             )
         })?;
         let o = graph_us(gpu, LAYERS, |i| {
@@ -401,7 +393,6 @@ fn batched_products(
                 MatrixRef::Bf16(&w.o[i]),
                 (m, HIDDEN, Q_WIDTH),
                 Epilogue::AddResidual,
-                &mut split,
             )
         })?;
         let gate_up = graph_us(gpu, LAYERS, |i| {
@@ -415,7 +406,6 @@ fn batched_products(
                 &mut scratch,
                 (m, 2 * INTERMEDIATE, HIDDEN),
                 NormEpilogue::SwiGlu,
-                &mut split,
             )
         })?;
         let down = graph_us(gpu, LAYERS, |i| {
@@ -426,7 +416,6 @@ fn batched_products(
                 MatrixRef::Bf16(&w.down[i]),
                 (m, HIDDEN, INTERMEDIATE),
                 Epilogue::AddResidual,
-                &mut split,
             )
         })?;
         let head = graph_us(gpu, 1, |_| {
@@ -440,7 +429,6 @@ fn batched_products(
                 &mut scratch,
                 (m, 151_936, HIDDEN),
                 NormEpilogue::Store,
-                &mut split,
             )
         })?;
         for (name, (n, k), us) in [

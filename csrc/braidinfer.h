@@ -69,28 +69,17 @@ cudaError_t bi_quantize_int8(int8_t *values, float *scales, const bi_bf16 *w, in
  * larger ones run tiled. */
 #define BI_SKINNY_ROWS 16
 
-/* Scratch for products whose k axis is split across blocks (m > BI_SKINNY_ROWS with too few output tiles
- * to fill the SMs): f32 partial sums, and one completion counter per output tile, zero before
- * the first use (every launch leaves them zero). Products that would not fit run unsplit; all
- * fields zero/NULL: never split. One product at a time may use a scratch. */
-typedef struct {
-    float *partials;  /* [floats] */
-    size_t floats;
-    int32_t *counters; /* [tiles] */
-    int tiles;
-} bi_split_scratch;
-
 /* out = a . w^T on tensor cores with f32 accumulation, then the epilogue.
  * a: [m, k] bf16; w: [n, k]. n must be a multiple of 16; k of 512 (of 128 when n > 8192) for
  * m <= BI_SKINNY_ROWS, of 64 above. */
 cudaError_t bi_linear(void *out, const bi_bf16 *a, bi_matrix w, int m, int n, int k,
-                      bi_epilogue epilogue, bi_split_scratch split, cudaStream_t stream);
+                      bi_epilogue epilogue, cudaStream_t stream);
 
 /* The same with RMSNorm fused in front: a = bf16(x / rms(x) * norm), x: [m, k] f32 (the
  * residual stream), norm: [k] bf16. scratch: [m, k] bf16, used when m > BI_SKINNY_ROWS. */
 cudaError_t bi_norm_linear(void *out, const float *x, const bi_bf16 *norm, float eps, bi_matrix w,
                            bi_bf16 *scratch, int m, int n, int k, bi_epilogue epilogue,
-                           bi_split_scratch split, cudaStream_t stream);
+                           cudaStream_t stream);
 
 /* Per row r (a token at position positions[r] of sequence row_seq[r]; rows with a negative
  * position are padding and are skipped):

@@ -65,21 +65,31 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 #endif
 }
 
-// Launches `kernel` with programmatic stream serialization and returns the launch error.
+// Launches `kernel` with programmatic stream serialization, in clusters of `cluster` blocks
+// (1 x 1 x 1: none), and returns the launch error.
 template <typename... Params, typename... Args>
-inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                          Args... args) {
-    cudaLaunchAttribute attribute[1];
+inline cudaError_t launch_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                    dim3 cluster, Args... args) {
+    cudaLaunchAttribute attribute[2];
     attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    attribute[1].id = cudaLaunchAttributeClusterDimension;
+    attribute[1].val.clusterDim.x = cluster.x;
+    attribute[1].val.clusterDim.y = cluster.y;
+    attribute[1].val.clusterDim.z = cluster.z;
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
     config.blockDim = block;
     config.dynamicSmemBytes = smem;
     config.stream = stream;
     config.attrs = attribute;
-    config.numAttrs = 1;
+    config.numAttrs = cluster.x * cluster.y * cluster.z > 1 ? 2 : 1;
     return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
+template <typename... Params, typename... Args>
+inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+    return launch_clustered(kernel, grid, block, smem, stream, dim3(1, 1, 1), args...);
 }
 
 }  // namespace bi

@@ -13,6 +13,8 @@
 //   through a 3-stage cp.async pipeline and ldmatrix, k split across blocks when the tiles
 //   alone leave SMs idle. (Replacing the skinny kernel at m = 32 and 64: it re-read the
 //   activations in every block, 45 and 89 us per layer at m = 32 / 64 on an H200, ncu.)
+#include <cooperative_groups.h>
+
 #include <algorithm>
 
 #include "matvec.cuh"
@@ -117,15 +119,15 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tiled: BM x BN output tiles (BM 64 or 128, BN 64 or 128) through a 4-stage cp.async
-// pipeline; 8 warps of (BM/2) x (BN/4). bf16 weight fragments come from ldmatrix; INT8 ones are
-// read two bytes at a time and converted. 64-row tiles (decode batches) step k by 64, so that
-// each block keeps 55 KiB of loads in flight: a decode product streams its weights, and memory
-// latency, not the tensor cores, is what it waits on. When the tiles are too few to fill the
-// SMs (decode batches against the 1,024-wide products), the k axis is split over gridDim.z
-// blocks, at most one per SM in all, so all are resident together: each writes its partial
-// sums to scratch, waits for the tile's other splits, then adds up a share of the tile in split
-// order (the result does not depend on which block finishes first) and applies the epilogue.
+// Tiled: BM x BN output tiles (BM 64 or 128, BN 64 or 128) through a cp.async pipeline as deep
+// as two blocks per SM allow; 8 warps of (BM/2) x (BN/4). bf16 weight fragments come from
+// ldmatrix; INT8 ones are read two bytes at a time and converted. Decode products stream their
+// weights, and the bytes each SM has in flight set their bandwidth: hence the deep pipelines
+// and k steps of 64. When the tiles are too few to fill the SMs (decode batches against the
+// 1,024-wide products), the k axis is split over gridDim.z blocks that form one thread-block
+// cluster per tile: each leaves its partial sums in its shared memory, and after the cluster
+// barrier each adds up a share of the tile over the cluster in split order (the result does not
+// depend on timing) and applies the epilogue.
 
 constexpr int kTiledThreads = 256;
 constexpr int kTiledSmem = 110 * 1024;  // per block: two blocks fit an SM
@@ -137,6 +139,7 @@ struct Tile {
     static constexpr int kK = 64;  // k per stage
     static constexpr int kMT = BM / 32, kNT = BN / 32;  // m16 and n8 fragments per warp
     static constexpr int kFragments = kMT * kNT;  // x 4 accumulators x 256 threads = BM * BN
+    static_assert(BM * BN * 4 <= kTiledSmem, "split k leaves a tile of f32 partials in shared memory");
     // Padded smem rows: bf16 rows of kK + 8 (ldmatrix's 8 rows fall in distinct banks); INT8
     // weight rows of kK + 16 bytes (so do the 8 rows of a fragment read).
     static constexpr int kAPitch = kK + 8;  // bf16
@@ -171,49 +174,30 @@ struct TiledArgs {
     const bi_bf16 *a;  // [m, k]
     bi_matrix w;       // [n, k]
     int m, n, k;
-    bi_split_scratch split;  // used when gridDim.z > 1
 };
 
-__device__ __forceinline__ void arrive(int32_t *counter) {
-    asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(counter) : "memory");
-}
-
-__device__ __forceinline__ int arrivals(const int32_t *counter) {
-    int value;
-    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(value) : "l"(counter) : "memory");
-    return value;
-}
-
-// Split k: the fragments [first, last) of the tile this block adds up and stores, after
-// summing them over the tile's splits (acc then holds the sums there). One block per split.
+// Split k: the fragments [first, last) of the tile this block stores, after adding them up over
+// the tile's cluster (acc then holds the sums there). smem: the pipeline's, no longer in use.
 template <int kFragments>
-__device__ __forceinline__ int2 reduce_splits(float (&acc)[kFragments][4], const bi_split_scratch &split) {
-    const int splits = gridDim.z, z = blockIdx.z, tile = blockIdx.y * gridDim.x + blockIdx.x;
-    // [splits][kFragments][4][threads]: every thread's stores and loads are coalesced.
-    float *partials = split.partials + static_cast<size_t>(tile) * splits * kFragments * 4 * kTiledThreads;
-    auto at = [&](int s, int f, int e) { return partials + ((s * kFragments + f) * 4 + e) * kTiledThreads + threadIdx.x; };
+__device__ __forceinline__ int2 reduce_splits(float (&acc)[kFragments][4], float *smem) {
+    namespace cg = cooperative_groups;
+    const cg::cluster_group cluster = cg::this_cluster();
+    const int splits = static_cast<int>(cluster.num_blocks()), z = static_cast<int>(cluster.block_rank());
+    auto at = [&](float *base, int f, int e) { return base + (f * 4 + e) * kTiledThreads + threadIdx.x; };  // coalesced
 #pragma unroll
     for (int f = 0; f < kFragments; ++f)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) __stcg(at(z, f, e), acc[f][e]);
-    // Arrive (releasing the block's stores, ordered before thread 0's by the barrier), wait for
-    // every split of the tile, add up the share, then leave; the last to leave resets the counter.
-    int32_t *counter = split.counters + tile;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        arrive(counter);
-        while (arrivals(counter) < splits) __nanosleep(64);
-    }
-    __syncthreads();
+        for (int e = 0; e < 4; ++e) *at(smem, f, e) = acc[f][e];
+    cluster.sync();  // every split's partial is in place
     const int2 share = {z * kFragments / splits, (z + 1) * kFragments / splits};
 #pragma unroll
     for (int f = 0; f < kFragments; ++f) {
         if (f < share.x || f >= share.y) continue;
-        float part[kMaxSplits][4];  // all loads first: one memory round trip
+        float part[kMaxSplits][4];  // all loads first: one round trip
 #pragma unroll
         for (int s = 0; s < kMaxSplits; ++s)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) part[s][e] = s < splits && s != z ? __ldcg(at(s, f, e)) : acc[f][e];
+            for (int e = 0; e < 4; ++e) part[s][e] = s < splits ? *at(cluster.map_shared_rank(smem, s), f, e) : 0.0f;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             float sum = 0.0f;
@@ -223,12 +207,7 @@ __device__ __forceinline__ int2 reduce_splits(float (&acc)[kFragments][4], const
             acc[f][e] = sum;
         }
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int before;
-        asm volatile("atom.acq_rel.gpu.add.s32 %0, [%1], 1;\n" : "=r"(before) : "l"(counter) : "memory");
-        if (before == 2 * splits - 1) *counter = 0;  // every split has read: ready for the next launch
-    }
+    cluster.sync();  // no block leaves while another reads its shared memory
     return share;
 }
 
@@ -338,7 +317,11 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(TiledArgs args) {
         }
     }
     asm volatile("cp.async.wait_group 0;\n");
-    const int2 share = splits > 1 ? reduce_splits(acc, args.split) : int2{0, T::kFragments};
+    int2 share = {0, T::kFragments};
+    if (splits > 1) {
+        __syncthreads();  // the last stage's reads are done before the partials overwrite it
+        share = reduce_splits(acc, reinterpret_cast<float *>(smem));
+    }
 
     const int g = lane / 4, q = lane % 4;
 #pragma unroll
@@ -391,16 +374,11 @@ int multiprocessors() {
     return count;
 }
 
-// Splits of k for `tiles` output tiles: at most `resident` blocks per SM in all (the splits of
-// a tile wait for each other, so all must be resident at once), at least kMinSplitKTiles k
-// steps each, within the scratch (unsplit without it).
-int split_count(int tiles, int k_tiles, int resident, size_t tile_floats, const bi_split_scratch &split) {
+// Splits of k for `tiles` output tiles: one wave of `resident` blocks per SM, at most a
+// portable cluster (8) per tile and at least kMinSplitKTiles k steps per split.
+int split_count(int tiles, int k_tiles, int resident) {
     const int slots = multiprocessors() * resident;
-    int splits = tiles >= slots ? 1 : std::min({slots / tiles, kMaxSplits, k_tiles / kMinSplitKTiles});
-    while (splits > 1 && (split.partials == nullptr || tiles > split.tiles ||
-                          static_cast<size_t>(tiles) * splits * tile_floats > split.floats))
-        --splits;
-    return std::max(splits, 1);
+    return tiles >= slots ? 1 : std::max(1, std::min({slots / tiles, kMaxSplits, k_tiles / kMinSplitKTiles}));
 }
 
 template <int Epilogue, typename W, int BM, int BN>
@@ -413,8 +391,9 @@ cudaError_t launch_tiled_shape(const TiledArgs &args, cudaStream_t stream) {
     int resident = 0;
     const cudaError_t occupancy = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kTiledThreads, T::kSmem);
     if (occupancy != cudaSuccess) return occupancy;
-    const int splits = split_count(tiles_n * tiles_m, args.k / T::kK, resident, BM * BN, args.split);
-    return bi::launch(kernel, dim3(tiles_n, tiles_m, splits), dim3(kTiledThreads), T::kSmem, stream, args);
+    const int splits = split_count(tiles_n * tiles_m, args.k / T::kK, resident);
+    return bi::launch_clustered(kernel, dim3(tiles_n, tiles_m, splits), dim3(kTiledThreads), T::kSmem, stream,
+                                dim3(1, 1, splits), args);
 }
 
 // Tiles of 64 rows up to m = 64, else 128; 64 columns where 128-column tiles would not fill
@@ -433,7 +412,7 @@ cudaError_t launch_tiled(const TiledArgs &args, cudaStream_t stream) {
 
 // m <= BI_SKINNY_ROWS: skinny (norm fused); larger m: RMSNorm into `scratch`, then the tiled product.
 template <int Epilogue, bool Norm>
-cudaError_t launch_linear(const SkinnyArgs &args, bi_bf16 *scratch, const bi_split_scratch &split, cudaStream_t stream) {
+cudaError_t launch_linear(const SkinnyArgs &args, bi_bf16 *scratch, cudaStream_t stream) {
     if (args.m <= BI_SKINNY_ROWS) return launch_skinny<Epilogue, Norm>(args, stream);
     const bi_bf16 *a = static_cast<const bi_bf16 *>(args.a);
     if constexpr (Norm) {
@@ -441,17 +420,16 @@ cudaError_t launch_linear(const SkinnyArgs &args, bi_bf16 *scratch, const bi_spl
         if (e != cudaSuccess) return e;
         a = scratch;
     }
-    return launch_tiled<Epilogue>(TiledArgs{args.out, a, args.w, args.m, args.n, args.k, split}, stream);
+    return launch_tiled<Epilogue>(TiledArgs{args.out, a, args.w, args.m, args.n, args.k}, stream);
 }
 
 template <bool Norm>
-cudaError_t dispatch(const SkinnyArgs &args, bi_epilogue epilogue, bi_bf16 *scratch, const bi_split_scratch &split,
-                     cudaStream_t stream) {
+cudaError_t dispatch(const SkinnyArgs &args, bi_epilogue epilogue, bi_bf16 *scratch, cudaStream_t stream) {
     if (args.m <= 0 || args.n <= 0 || args.k <= 0 || args.n % 16 != 0) return cudaErrorInvalidValue;
     switch (epilogue) {
-        case BI_EPILOGUE_STORE_F32: return launch_linear<BI_EPILOGUE_STORE_F32, Norm>(args, scratch, split, stream);
-        case BI_EPILOGUE_ADD_RESIDUAL: return launch_linear<BI_EPILOGUE_ADD_RESIDUAL, Norm>(args, scratch, split, stream);
-        case BI_EPILOGUE_SWIGLU: return launch_linear<BI_EPILOGUE_SWIGLU, Norm>(args, scratch, split, stream);
+        case BI_EPILOGUE_STORE_F32: return launch_linear<BI_EPILOGUE_STORE_F32, Norm>(args, scratch, stream);
+        case BI_EPILOGUE_ADD_RESIDUAL: return launch_linear<BI_EPILOGUE_ADD_RESIDUAL, Norm>(args, scratch, stream);
+        case BI_EPILOGUE_SWIGLU: return launch_linear<BI_EPILOGUE_SWIGLU, Norm>(args, scratch, stream);
     }
     return cudaErrorInvalidValue;
 }
@@ -459,12 +437,12 @@ cudaError_t dispatch(const SkinnyArgs &args, bi_epilogue epilogue, bi_bf16 *scra
 }  // namespace
 
 extern "C" cudaError_t bi_linear(void *out, const bi_bf16 *a, bi_matrix w, int m, int n, int k,
-                                 bi_epilogue epilogue, bi_split_scratch split, cudaStream_t stream) {
-    return dispatch<false>(SkinnyArgs{out, a, nullptr, w, m, n, k, 0.0f}, epilogue, nullptr, split, stream);
+                                 bi_epilogue epilogue, cudaStream_t stream) {
+    return dispatch<false>(SkinnyArgs{out, a, nullptr, w, m, n, k, 0.0f}, epilogue, nullptr, stream);
 }
 
 extern "C" cudaError_t bi_norm_linear(void *out, const float *x, const bi_bf16 *norm, float eps, bi_matrix w,
                                       bi_bf16 *scratch, int m, int n, int k, bi_epilogue epilogue,
-                                      bi_split_scratch split, cudaStream_t stream) {
-    return dispatch<true>(SkinnyArgs{out, x, norm, w, m, n, k, eps}, epilogue, scratch, split, stream);
+                                      cudaStream_t stream) {
+    return dispatch<true>(SkinnyArgs{out, x, norm, w, m, n, k, eps}, epilogue, scratch, stream);
 }

@@ -133,7 +133,6 @@ pub fn matrix_rate(gpu: &Gpu) -> Result<f64> {
     let a = gpu.upload(&random(M * K))?;
     let w = gpu.upload(&random(N * K))?;
     let mut out = gpu.alloc::<f32>(M * N)?;
-    let mut split = crate::gpu::kernels::SplitScratch::new(gpu, M)?;
     let ms = Timer::new(gpu)?.median_ms(
         3,
         20,
@@ -147,7 +146,6 @@ pub fn matrix_rate(gpu: &Gpu) -> Result<f64> {
                 crate::gpu::kernels::MatrixRef::Bf16(&w),
                 (M, N, K),
                 crate::gpu::kernels::Epilogue::Store,
-                &mut split,
             )
         },
     )?;

@@ -7,8 +7,8 @@ use cudarc::driver::{CudaSlice, DevicePtrMut};
 
 use super::kernels::{
     self, DecodeLayer, DecodeScratch, Epilogue, LayerCache, LayerKnobs, NormEpilogue, Rows,
-    SplitScratch, DECODE_LAYER_MAX_ROWS, HIDDEN, INTERMEDIATE, KV_HEADS, PARTIAL_FLOATS, QKV_WIDTH,
-    Q_HEADS, Q_WIDTH,
+    DECODE_LAYER_MAX_ROWS, HIDDEN, INTERMEDIATE, KV_HEADS, PARTIAL_FLOATS, QKV_WIDTH, Q_HEADS,
+    Q_WIDTH,
 };
 use super::kv_cache::KvCache;
 use super::weights::DeviceWeights;
@@ -25,7 +25,6 @@ pub struct StepBuffers {
     pub row_seq: CudaSlice<i32>, // [rows]: the block-table row of each token
     x: CudaSlice<f32>, // [rows, 1024] residual stream
     h: CudaSlice<u16>, // [rows, 1024] normalized activations (large m only)
-    split_k: SplitScratch, // products split along k (large m only)
     qkv: CudaSlice<f32>, // [rows, 4096]
     q: CudaSlice<u16>, // [rows, 16, 128]
     attn: CudaSlice<u16>, // [rows, 2048]
@@ -47,7 +46,6 @@ impl StepBuffers {
             row_seq: gpu.alloc(rows)?,
             x: gpu.alloc(rows * HIDDEN)?,
             h: gpu.alloc(rows * HIDDEN)?,
-            split_k: SplitScratch::new(gpu, rows)?,
             qkv: gpu.alloc(rows * QKV_WIDTH)?,
             q: gpu.alloc(rows * Q_WIDTH)?,
             attn: gpu.alloc(rows * Q_WIDTH)?,
@@ -214,7 +212,6 @@ impl Forward {
                 &mut bufs.h,
                 (m, QKV_WIDTH, HIDDEN),
                 NormEpilogue::Store,
-                &mut bufs.split_k,
             )?;
             {
                 let (mut k, mut v) = cache.layer_mut(i);
@@ -253,7 +250,6 @@ impl Forward {
                 layer.o.view(),
                 (m, HIDDEN, Q_WIDTH),
                 Epilogue::AddResidual,
-                &mut bufs.split_k,
             )?;
             kernels::norm_linear(
                 gpu,
@@ -265,7 +261,6 @@ impl Forward {
                 &mut bufs.h,
                 (m, 2 * INTERMEDIATE, HIDDEN),
                 NormEpilogue::SwiGlu,
-                &mut bufs.split_k,
             )?;
             kernels::linear(
                 gpu,
@@ -274,7 +269,6 @@ impl Forward {
                 layer.down.view(),
                 (m, HIDDEN, INTERMEDIATE),
                 Epilogue::AddResidual,
-                &mut bufs.split_k,
             )?;
         }
         Ok(())
@@ -300,7 +294,6 @@ impl Forward {
             &mut bufs.h,
             (m, c.vocab, HIDDEN),
             NormEpilogue::Store,
-            &mut bufs.split_k,
         )
     }
 }

@@ -153,38 +153,6 @@ pub enum Epilogue {
     AddResidual,
 }
 
-/// Scratch for products whose k axis is split across blocks (`bi_split_scratch`): partial sums
-/// of two 128x128 tiles per SM (the most blocks a split product runs: all resident at once)
-/// and a completion counter per tile (kept zero between launches). Products of up to
-/// SKINNY_ROWS rows never split, so their scratch is empty.
-pub struct SplitScratch {
-    partials: CudaSlice<f32>,
-    counters: CudaSlice<i32>,
-}
-
-impl SplitScratch {
-    pub fn new(gpu: &Gpu, rows: usize) -> Result<Self> {
-        let tiles = if rows > SKINNY_ROWS {
-            2 * gpu.multiprocessors()?
-        } else {
-            0
-        };
-        Ok(Self {
-            partials: gpu.alloc(tiles * 128 * 128)?,
-            counters: gpu.alloc(tiles)?,
-        })
-    }
-
-    fn raw(&mut self, gpu: &Gpu) -> ffi::bi_split_scratch {
-        ffi::bi_split_scratch {
-            floats: self.partials.len(),
-            tiles: self.counters.len() as i32,
-            partials: pm(gpu, &mut self.partials),
-            counters: pm(gpu, &mut self.counters),
-        }
-    }
-}
-
 fn fits<T>(buffer: &impl DeviceSlice<T>, needed: usize, name: &str) -> Result<()> {
     ensure!(
         buffer.len() >= needed,
@@ -273,7 +241,6 @@ pub fn linear(
     w: MatrixRef<'_>,
     (m, n, k): (usize, usize, usize),
     epilogue: Epilogue,
-    split: &mut SplitScratch,
 ) -> Result<()> {
     fits(out, m * n, "linear out")?;
     fits(a, m * k, "linear a")?;
@@ -293,7 +260,6 @@ pub fn linear(
             ni,
             ki,
             kind,
-            split.raw(gpu),
             gpu.raw_stream(),
         )
     };
@@ -313,7 +279,6 @@ pub fn norm_linear<O>(
     scratch: &mut impl DevicePtrMut<u16>,
     (m, n, k): (usize, usize, usize),
     epilogue: NormEpilogue,
-    split: &mut SplitScratch,
 ) -> Result<()> {
     let out_len = match epilogue {
         NormEpilogue::Store => m * n,
@@ -342,7 +307,6 @@ pub fn norm_linear<O>(
             ni,
             ki,
             kind,
-            split.raw(gpu),
             gpu.raw_stream(),
         )
     };
