@@ -67,7 +67,7 @@ cudaError_t bi_quantize_int8(int8_t *values, float *scales, const bi_bf16 *w, in
 
 /* Products of up to this many rows stream the weights straight into mma fragments (skinny);
  * larger ones run tiled. */
-#define BI_SKINNY_ROWS 16
+#define BI_SKINNY_ROWS 32
 
 /* out = a . w^T on tensor cores with f32 accumulation, then the epilogue.
  * a: [m, k] bf16; w: [n, k]. n must be a multiple of 16; k of 512 (of 128 when n > 8192) for

@@ -3,16 +3,17 @@
 // bf16, or INT8 converted to bf16 fragments in registers with the row scale applied to the sum.
 //
 // Two tilings of the same product, picked by m:
-// - skinny (m <= 16: batch-1 to batch-16 decode, the LM head): weights stream straight from
+// - skinny (m <= 32: decode batches up to 32, their LM head): weights stream straight from
 //   global memory into mma fragments with 16-byte loads; each block owns 8*TN weight rows and
 //   its warps split k. The k axis is permuted inside every 32-column chunk (same permutation for
 //   a and w, so the dot product is unchanged): a thread's 8 contiguous bf16 feed two k16 steps.
 //   At m = 1 the tensor core wastes 15/16 of its rows, which costs nothing in a memory-bound
 //   product.
-// - tiled (m > 16: larger decode batches, prefill): 64/128-row x 64/128-column block tiles
-//   through a 3-stage cp.async pipeline and ldmatrix, k split across blocks when the tiles
-//   alone leave SMs idle. (Replacing the skinny kernel at m = 32 and 64: it re-read the
-//   activations in every block, 45 and 89 us per layer at m = 32 / 64 on an H200, ncu.)
+// - tiled (m > 32: larger decode batches, prefill): 64/128-row x 64/128-column block tiles
+//   through a deep cp.async pipeline and ldmatrix, k split across blocks when the tiles alone
+//   leave SMs idle. (At m = 64 the skinny kernel re-read the activations in every block: 89 us
+//   per layer on an H200, ncu, against 43 us tiled; at m = 32 skinny with its fused RMSNorm
+//   is the faster step: 15,588 against 14,581 tok/s at batch 32, context 512.)
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -44,11 +45,11 @@ struct SkinnyArgs {
 
 // Unroll: 32-column chunks of bf16 weights whose loads a thread has in flight at once (twice as
 // many chunks of INT8 weights: the same bytes).
-template <int TN, int Warps, int Unroll, int Epilogue, bool Norm, typename W>
+template <int MT, int TN, int Warps, int Unroll, int Epilogue, bool Norm, typename W>
 __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs args) {
     using Chunk = bi::WeightChunk<W>;
     constexpr int kLoads = Unroll * sizeof(bi_bf16) / sizeof(W);
-    static_assert(Warps * TN <= 64, "the cross-warp reduction must fit 32 KiB of shared memory");
+    static_assert(Warps * MT * TN <= 64, "the cross-warp reduction must fit 32 KiB of shared memory");
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const int g = lane / 4, q = lane % 4;  // mma fragment coordinates
     const int n0 = blockIdx.x * 8 * TN;
@@ -56,8 +57,8 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
     const int k_begin = warp * k_warp + 8 * q;
 
     bi::allow_next_kernel();
-    __shared__ float inv_rms[16];
-    float acc[TN][4] = {};
+    __shared__ float inv_rms[MT * 16];
+    float acc[MT][TN][4] = {};
     const W *w_rows[TN];
 #pragma unroll
     for (int t = 0; t < TN; ++t)
@@ -83,38 +84,47 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
         for (int u = 0; u < kLoads; ++u) {
             if (c0 + u * kChunk >= k_warp) break;
             const int col = k_begin + c0 + u * kChunk;
-            const uint4 lo = bi::a_chunk<Norm>(args.activations(), g, col, inv_rms);
-            const uint4 hi = bi::a_chunk<Norm>(args.activations(), g + 8, col, inv_rms);
 #pragma unroll
-            for (int t = 0; t < TN; ++t) {
-                const uint4 b = Chunk::bf16(wv[u][t]);
-                mma_bf16(acc[t], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
-                mma_bf16(acc[t], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+            for (int mt = 0; mt < MT; ++mt) {
+                const uint4 lo = bi::a_chunk<Norm>(args.activations(), mt * 16 + g, col, inv_rms);
+                const uint4 hi = bi::a_chunk<Norm>(args.activations(), mt * 16 + g + 8, col, inv_rms);
+#pragma unroll
+                for (int t = 0; t < TN; ++t) {
+                    const uint4 b = Chunk::bf16(wv[u][t]);
+                    mma_bf16(acc[mt][t], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+                    mma_bf16(acc[mt][t], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+                }
             }
         }
     }
 
     // Sum the warps' partial products in a fixed order; warp 0 applies the epilogue.
-    __shared__ float partial[Warps][TN * 4][bi::kWarp];
+    __shared__ float partial[Warps][MT * TN * 4][bi::kWarp];
 #pragma unroll
-    for (int t = 0; t < TN; ++t)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) partial[warp][t * 4 + e][lane] = acc[t][e];
+        for (int t = 0; t < TN; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) partial[warp][(mt * TN + t) * 4 + e][lane] = acc[mt][t][e];
     __syncthreads();
     if (warp != 0) return;
 #pragma unroll
-    for (int t = 0; t < TN; ++t) {
-        float v[4];
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            v[e] = 0.0f;
+        for (int t = 0; t < TN; ++t) {
+            float v[4];
 #pragma unroll
-            for (int w = 0; w < Warps; ++w) v[e] += partial[w][t * 4 + e][lane];
+            for (int e = 0; e < 4; ++e) {
+                const int idx = (mt * TN + t) * 4 + e;
+                v[e] = 0.0f;
+#pragma unroll
+                for (int w = 0; w < Warps; ++w) v[e] += partial[w][idx][lane];
+            }
+            const int row = mt * 16 + g, col = n0 + t * 8 + 2 * q;
+            const float2 s = bi::column_scales<W>(args.w.scales, col);
+            if (row < args.m) store_pair<Epilogue>(args.out, args.n, row, col, v[0] * s.x, v[1] * s.y);
+            if (row + 8 < args.m) store_pair<Epilogue>(args.out, args.n, row + 8, col, v[2] * s.x, v[3] * s.y);
         }
-        const int col = n0 + t * 8 + 2 * q;
-        const float2 s = bi::column_scales<W>(args.w.scales, col);
-        if (g < args.m) store_pair<Epilogue>(args.out, args.n, g, col, v[0] * s.x, v[1] * s.y);
-        if (g + 8 < args.m) store_pair<Epilogue>(args.out, args.n, g + 8, col, v[2] * s.x, v[3] * s.y);
     }
 }
 
@@ -339,14 +349,14 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(TiledArgs args) {
 // ---------------------------------------------------------------------------------------------
 
 // Warps per block: `base`, halved until the cross-warp reduction fits its shared memory.
-constexpr int fitted_warps(int base, int tn) { return base * tn <= 64 ? base : fitted_warps(base / 2, tn); }
+constexpr int fitted_warps(int base, int mt, int tn) { return base * mt * tn <= 64 ? base : fitted_warps(base / 2, mt, tn); }
 
-template <int TN, int BaseWarps, int Unroll, int Epilogue, bool Norm>
+template <int MT, int TN, int BaseWarps, int Unroll, int Epilogue, bool Norm>
 cudaError_t launch_skinny_shape(const SkinnyArgs &args, cudaStream_t stream) {
-    constexpr int warps = fitted_warps(BaseWarps, TN);
+    constexpr int warps = fitted_warps(BaseWarps, MT, TN);
     if (args.k % (warps * kChunk) != 0 || args.n % (8 * TN) != 0) return cudaErrorInvalidValue;
     return bi::with_weight_type(args.w, [&](auto type) {
-        return bi::launch(skinny_kernel<TN, warps, Unroll, Epilogue, Norm, decltype(type)>, dim3(args.n / (8 * TN)),
+        return bi::launch(skinny_kernel<MT, TN, warps, Unroll, Epilogue, Norm, decltype(type)>, dim3(args.n / (8 * TN)),
                           dim3(warps * bi::kWarp), 0, stream, args);
     });
 }
@@ -355,12 +365,12 @@ cudaError_t launch_skinny_shape(const SkinnyArgs &args, cudaStream_t stream) {
 // every warp holding 4-8 weight loads in flight: the LM head's 151936 rows in 16-row blocks of
 // 4 warps; gate/up (6144) in 24-row blocks and qkv (4096) in 16-row blocks of 8 warps; the
 // 1024-row products in 8-row blocks of 16 warps splitting k.
-template <int Epilogue, bool Norm>
+template <int MT, int Epilogue, bool Norm>
 cudaError_t launch_skinny(const SkinnyArgs &args, cudaStream_t stream) {
-    if (args.n > 8192) return launch_skinny_shape<2, 4, 8, Epilogue, Norm>(args, stream);
-    if (args.n >= 6144 && args.n % 24 == 0) return launch_skinny_shape<3, 8, 4, Epilogue, Norm>(args, stream);
-    if (args.n >= 4096 && args.n % 16 == 0) return launch_skinny_shape<2, 8, 4, Epilogue, Norm>(args, stream);
-    return launch_skinny_shape<1, 16, 8, Epilogue, Norm>(args, stream);
+    if (args.n > 8192) return launch_skinny_shape<MT, 2, 4, 8, Epilogue, Norm>(args, stream);
+    if (args.n >= 6144 && args.n % 24 == 0) return launch_skinny_shape<MT, 3, 8, 4, Epilogue, Norm>(args, stream);
+    if (args.n >= 4096 && args.n % 16 == 0) return launch_skinny_shape<MT, 2, 8, 4, Epilogue, Norm>(args, stream);
+    return launch_skinny_shape<MT, 1, 16, 8, Epilogue, Norm>(args, stream);
 }
 
 int multiprocessors() {
@@ -413,7 +423,8 @@ cudaError_t launch_tiled(const TiledArgs &args, cudaStream_t stream) {
 // m <= BI_SKINNY_ROWS: skinny (norm fused); larger m: RMSNorm into `scratch`, then the tiled product.
 template <int Epilogue, bool Norm>
 cudaError_t launch_linear(const SkinnyArgs &args, bi_bf16 *scratch, cudaStream_t stream) {
-    if (args.m <= BI_SKINNY_ROWS) return launch_skinny<Epilogue, Norm>(args, stream);
+    if (args.m <= 16) return launch_skinny<1, Epilogue, Norm>(args, stream);
+    if (args.m <= BI_SKINNY_ROWS) return launch_skinny<2, Epilogue, Norm>(args, stream);
     const bi_bf16 *a = static_cast<const bi_bf16 *>(args.a);
     if constexpr (Norm) {
         const cudaError_t e = bi_rmsnorm(scratch, static_cast<const float *>(args.a), args.norm, args.m, args.k, args.eps, stream);
