@@ -65,13 +65,15 @@ typedef struct {
 cudaError_t bi_quantize_int8(int8_t *values, float *scales, const bi_bf16 *w, int n, int k,
                              cudaStream_t stream);
 
-/* Products of up to this many rows stream the weights straight into mma fragments (skinny);
- * larger ones run tiled. */
-#define BI_SKINNY_ROWS 32
+/* Products of up to this many rows stream the weights straight into mma fragments (skinny, the
+ * per-row arithmetic independent of m); the layer products up to twice as many rows too, larger
+ * ones run tiled. */
+#define BI_SKINNY_ROWS 16
 
 /* out = a . w^T on tensor cores with f32 accumulation, then the epilogue.
- * a: [m, k] bf16; w: [n, k]. n must be a multiple of 16; k of 512 (of 128 when n > 8192) for
- * m <= BI_SKINNY_ROWS, of 64 above. */
+ * a: [m, k] bf16; w: [n, k]. n must be a multiple of 16 and k of 64; a skinny product (m <=
+ * BI_SKINNY_ROWS, or up to twice that with n <= 8192) needs k a multiple of 512 (of 128 when
+ * n > 8192). */
 cudaError_t bi_linear(void *out, const bi_bf16 *a, bi_matrix w, int m, int n, int k,
                       bi_epilogue epilogue, cudaStream_t stream);
 

@@ -3,13 +3,13 @@
 // bf16, or INT8 converted to bf16 fragments in registers with the row scale applied to the sum.
 //
 // Two tilings of the same product, picked by m:
-// - skinny (m <= 32: decode batches up to 32, their LM head): weights stream straight from
+// - skinny (m <= 16, and the layer products up to m = 32): weights stream straight from
 //   global memory into mma fragments with 16-byte loads; each block owns 8*TN weight rows and
 //   its warps split k. The k axis is permuted inside every 32-column chunk (same permutation for
 //   a and w, so the dot product is unchanged): a thread's 8 contiguous bf16 feed two k16 steps.
 //   At m = 1 the tensor core wastes 15/16 of its rows, which costs nothing in a memory-bound
 //   product.
-// - tiled (m > 32: larger decode batches, prefill): 64/128-row x 64/128-column block tiles
+// - tiled (m > 32, the LM head above m = 16, prefill): 64/128-row x 64/128-column block tiles
 //   through a deep cp.async pipeline and ldmatrix, k split across blocks when the tiles alone
 //   leave SMs idle. (At m = 64 the skinny kernel re-read the activations in every block: 89 us
 //   per layer on an H200, ncu, against 43 us tiled; at m = 32 skinny with its fused RMSNorm
@@ -420,11 +420,15 @@ cudaError_t launch_tiled(const TiledArgs &args, cudaStream_t stream) {
     });
 }
 
-// m <= BI_SKINNY_ROWS: skinny (norm fused); larger m: RMSNorm into `scratch`, then the tiled product.
+// m <= BI_SKINNY_ROWS, and the layer products up to twice that: skinny (norm fused); larger m
+// and the LM head above BI_SKINNY_ROWS: RMSNorm into `scratch`, then the tiled product (at
+// m = 32 the skinny LM head took 286 us, tiled 110 us; the layer products the other way round,
+// 32 against 42 us per layer: H200, benches/kernels.rs).
+constexpr int kSkinnyWidest = 8192;
 template <int Epilogue, bool Norm>
 cudaError_t launch_linear(const SkinnyArgs &args, bi_bf16 *scratch, cudaStream_t stream) {
-    if (args.m <= 16) return launch_skinny<1, Epilogue, Norm>(args, stream);
-    if (args.m <= BI_SKINNY_ROWS) return launch_skinny<2, Epilogue, Norm>(args, stream);
+    if (args.m <= BI_SKINNY_ROWS) return launch_skinny<1, Epilogue, Norm>(args, stream);
+    if (args.m <= 2 * BI_SKINNY_ROWS && args.n <= kSkinnyWidest) return launch_skinny<2, Epilogue, Norm>(args, stream);
     const bi_bf16 *a = static_cast<const bi_bf16 *>(args.a);
     if constexpr (Norm) {
         const cudaError_t e = bi_rmsnorm(scratch, static_cast<const float *>(args.a), args.norm, args.m, args.k, args.eps, stream);

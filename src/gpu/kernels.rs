@@ -35,7 +35,8 @@ pub const BLOCK_TOKENS: usize = ffi::BI_BLOCK_TOKENS as usize;
 pub const PARTIAL_FLOATS: usize = ffi::BI_PARTIAL_FLOATS as usize;
 pub const MAX_SPLITS: usize = ffi::BI_MAX_SPLITS as usize;
 pub const FUSED_DECODE_MIN_SMS: usize = ffi::BI_FUSED_DECODE_MIN_SMS as usize;
-/// Rows above which products run tiled (and may split k); at or below, skinny.
+/// Products of up to this many rows run skinny, their per-row arithmetic independent of m (the
+/// layer products up to twice as many); larger ones tiled.
 pub const SKINNY_ROWS: usize = ffi::BI_SKINNY_ROWS as usize;
 pub const SAMPLE_CHUNKS: usize = ffi::BI_SAMPLE_CHUNKS as usize;
 pub const MAX_TOP_K: usize = ffi::BI_MAX_TOP_K as usize;
