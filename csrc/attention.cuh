@@ -6,7 +6,6 @@
 
 namespace bi::attn {
 
-constexpr int kWarps = 16;
 constexpr int kGroup = BI_Q_HEADS / BI_KV_HEADS;  // query heads per kv head
 constexpr int kDims = BI_HEAD_DIM / bi::kWarp;    // dims per lane in P.V and the merges
 // A warp's round: one n8 tile of positions, scored on the tensor core (m16n8k16: rows = the
@@ -16,34 +15,14 @@ constexpr int kDims = BI_HEAD_DIM / bi::kWarp;    // dims per lane in P.V and th
 // bounded large decode batches (batch 256, context 512: ~220 us per layer on an H200).
 constexpr int kTokensPerRound = 8;
 constexpr int kChunks = BI_HEAD_DIM / 32;  // 16-byte K chunks per lane (two k16 steps each)
-// Shared memory: the warps' states for the block merge, later the ranges for the final merge;
-// then the query heads, staged as bf16 by callers that hold them in another layout.
-constexpr int kMergeFloats = kGroup * BI_PARTIAL_FLOATS * (kWarps > BI_MAX_SPLITS ? kWarps : BI_MAX_SPLITS);
-constexpr int kSmemFloats = kMergeFloats + kGroup * BI_HEAD_DIM / 2;
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kGroup == 2, "two query heads per kv head: rows 0 and 1 of the score mma");
 static_assert(kDims == 4, "each lane reads its V dims as one 8-byte vector");
-static_assert(kWarps * bi::kWarp >= kGroup * BI_HEAD_DIM, "one thread per (head, dim) in the final merge");
-// The shortest range worth a block of its own: one round of all 16 warps. Decode attention is a
-// chain of dependent memory round trips; a second round per range costs two more of them, which
-// is more than merging more ranges costs (measured in the fused layer kernel at context 1024:
-// two rounds per range 7.3 us per layer, one round: see csrc/layer.cu).
-constexpr int kMinSplitTokens = kWarps * kTokensPerRound;
 
-// Range `split` of positions [0, pos] when a row is cut into at most `splits` ranges of at least
-// kMinSplitTokens, each starting on a cache block: [begin, end), and how many ranges the row
-// has (`active`; split >= active: none).
+// A row's range of positions [begin, end), and how many ranges the row has (`active`).
 struct Range {
     int begin, end, active;
 };
-
-__device__ __forceinline__ Range split_range(int pos, int split, int splits) {
-    const int kv_len = pos + 1;
-    const int most = min(splits, (kv_len + kMinSplitTokens - 1) / kMinSplitTokens);
-    const int chunk = ((kv_len + most - 1) / most + BI_BLOCK_TOKENS - 1) / BI_BLOCK_TOKENS * BI_BLOCK_TOKENS;
-    const int begin = min(kv_len, split * chunk);
-    return {begin, min(kv_len, begin + chunk), (kv_len + chunk - 1) / chunk};
-}
 
 // The query heads as the score mma's A fragments: lane (g, q) = (lane / 4, lane % 4) holds, for
 // g < 2, head g's dims 32c + 8q .. 32c + 8q + 7 in qa[c] (bf16; zero for g >= 2). Within each
@@ -104,16 +83,6 @@ struct Args {
     const bi_bf16 *v_cache;
 };
 
-// The warp's first round of range `split` of a row (table: its block table), to be read early
-// (before the query, and in the fused kernel before the new K/V row is written: attend_split
-// reads the round holding `pos` again).
-__device__ __forceinline__ Round first_round(const Args &args, const int32_t *table, int kv_head, int split, int splits, int pos) {
-    const auto [begin, end, active] = split_range(pos, split, splits);
-    const int base = begin + threadIdx.x / bi::kWarp * kTokensPerRound;
-    if (split >= active || base >= end) return {};
-    return load_round(args.k_cache, args.v_cache, table[base / BI_BLOCK_TOKENS], kv_head, base, end);
-}
-
 // Query fragments from the bf16 heads [kGroup][128] at `heads` (global or shared memory).
 __device__ __forceinline__ void load_query(QueryFragments &qa, const bi_bf16 *heads) {
     const int lane = threadIdx.x % bi::kWarp, g = lane / 4, q = lane % 4;
@@ -122,136 +91,174 @@ __device__ __forceinline__ void load_query(QueryFragments &qa, const bi_bf16 *he
         qa[c] = g < kGroup ? *reinterpret_cast<const uint4 *>(heads + g * BI_HEAD_DIM + 32 * c + 8 * q) : make_uint4(0, 0, 0, 0);
 }
 
-// The block's share of rows [0, pos] of `row` for `kv_head`: range `split` of at most `splits`.
-// qa: the query fragments (load_query). table: the row's block table; first: first_round's.
-// smem: kSmemFloats floats. Whole block. Prefetch: the next round's loads are in flight while
-// a round computes (64 registers of rounds; the fused layer kernel, whose decode ranges are one
-// or two rounds per warp, has no registers to spare for it).
-template <bool Prefetch>
-__device__ __forceinline__ void attend_split(const Args &args, int row, int kv_head, int split, int splits, int pos,
-                                             const int32_t *table, const QueryFragments &qa, const Round &first,
-                                             float *smem) {
-    const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
-    const int g = lane / 4, q = lane % 4;
-    const auto [begin, end, active] = split_range(pos, split, splits);
-    if (split >= active) return;  // no range: the `active` others complete the row
-    float *partials = args.partials;
-    bi_bf16 *out = args.out;
-    const float scale = rsqrtf(static_cast<float>(BI_HEAD_DIM)) * kLog2e;  // scores in base 2
+// The attention core for a block of `Warps` warps (synchronized with named barrier 1): the
+// separate kernel runs it with 8, the fused layer kernel with its 16 compute warps.
+template <int Warps>
+struct Core {
+    // Shared memory: the warps' states for the block merge, later the ranges for the final
+    // merge; then the query heads, staged as bf16 by callers that hold them in another layout.
+    static constexpr int kMergeFloats = kGroup * BI_PARTIAL_FLOATS * (Warps > BI_MAX_SPLITS ? Warps : BI_MAX_SPLITS);
+    static constexpr int kSmemFloats = kMergeFloats + kGroup * BI_HEAD_DIM / 2;
+    static_assert(Warps * bi::kWarp >= kGroup * BI_HEAD_DIM, "one thread per (head, dim) in the final merge");
+    // The shortest range worth a block of its own: one round of all the warps. Decode attention
+    // is a chain of dependent memory round trips; a second round per range costs two more of
+    // them, which is more than merging more ranges costs (measured in the fused layer kernel at
+    // context 1024: two rounds per range 7.3 us per layer, one round: see csrc/layer.cu).
+    static constexpr int kMinSplitTokens = Warps * kTokensPerRound;
 
-    // Running softmax of this warp's positions, per head: the max (every lane), the sum (spread
-    // over the 4 lanes of the head's quad: lanes 4h..4h+3), and this lane's dims.
-    float run_max[kGroup] = {-INFINITY, -INFINITY}, run_sum = 0.0f, acc[kGroup][kDims] = {};
-    constexpr int kStride = kWarps * kTokensPerRound;
-    auto round_at = [&, end = end](int base) {
+    static __device__ __forceinline__ void sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(Warps * bi::kWarp) : "memory"); }
+
+    // Range `split` of positions [0, pos] when a row is cut into at most `splits` ranges of at
+    // least kMinSplitTokens, each starting on a cache block (split >= active: none).
+    static __device__ __forceinline__ Range split_range(int pos, int split, int splits) {
+        const int kv_len = pos + 1;
+        const int most = min(splits, (kv_len + kMinSplitTokens - 1) / kMinSplitTokens);
+        const int chunk = ((kv_len + most - 1) / most + BI_BLOCK_TOKENS - 1) / BI_BLOCK_TOKENS * BI_BLOCK_TOKENS;
+        const int begin = min(kv_len, split * chunk);
+        return {begin, min(kv_len, begin + chunk), (kv_len + chunk - 1) / chunk};
+    }
+
+    // The warp's first round of range `split` of a row (table: its block table), to be read early
+    // (before the query, and in the fused kernel before the new K/V row is written: attend_split
+    // reads the round holding `pos` again).
+    static __device__ __forceinline__ Round first_round(const Args &args, const int32_t *table, int kv_head, int split, int splits, int pos) {
+        const auto [begin, end, active] = split_range(pos, split, splits);
+        const int base = begin + threadIdx.x / bi::kWarp * kTokensPerRound;
+        if (split >= active || base >= end) return {};
         return load_round(args.k_cache, args.v_cache, table[base / BI_BLOCK_TOKENS], kv_head, base, end);
-    };
-    Round kv = first;
-    const int first_base = begin + warp * kTokensPerRound;
-    if (first_base < end && first_base + kTokensPerRound > pos) kv = round_at(first_base);  // holds `pos`: maybe read before it was written
-    for (int base = first_base; base < end; base += kStride) {
-        if (!Prefetch && base != first_base) kv = round_at(base);
-        Round next;
-        if constexpr (Prefetch) next = base + kStride < end ? round_at(base + kStride) : Round{};
-        // Scores: lane (g < 2, q) gets head g at positions base + 2q and base + 2q + 1.
-        float s[4] = {};
-#pragma unroll
-        for (int c = 0; c < kChunks; ++c) {
-            bi::mma_bf16(s, qa[c].x, 0u, qa[c].y, 0u, kv.k[c].x, kv.k[c].y);
-            bi::mma_bf16(s, qa[c].z, 0u, qa[c].w, 0u, kv.k[c].z, kv.k[c].w);
-        }
-        const float s0 = base + 2 * q < end ? s[0] * scale : -INFINITY;
-        const float s1 = base + 2 * q + 1 < end ? s[1] * scale : -INFINITY;
-        float round_max = fmaxf(s0, s1);
-        round_max = fmaxf(round_max, __shfl_xor_sync(0xffffffffu, round_max, 1));
-        round_max = fmaxf(round_max, __shfl_xor_sync(0xffffffffu, round_max, 2));
-        float new_max[kGroup], correction[kGroup];
-#pragma unroll
-        for (int h = 0; h < kGroup; ++h) {
-            new_max[h] = fmaxf(run_max[h], __shfl_sync(0xffffffffu, round_max, 4 * h));  // finite: base < end
-            correction[h] = exp2f(run_max[h] - new_max[h]);
-            run_max[h] = new_max[h];
-        }
-        // This lane's head (lanes of rows 2..15 compute what nobody reads).
-        const float own_max = g == 1 ? new_max[1] : new_max[0], own_correction = g == 1 ? correction[1] : correction[0];
-        const float p0 = exp2f(s0 - own_max), p1 = exp2f(s1 - own_max);
-        run_sum = run_sum * own_correction + p0 + p1;
-#pragma unroll
-        for (int h = 0; h < kGroup; ++h)
-#pragma unroll
-            for (int d = 0; d < kDims; ++d) acc[h][d] *= correction[h];
-#pragma unroll
-        for (int j = 0; j < kTokensPerRound; ++j) {
-            float v[kDims];
-            unpack_dims(v, kv.v[j]);
-#pragma unroll
+    }
+
+    // The block's share of rows [0, pos] of `row` for `kv_head`: range `split` of at most `splits`.
+    // qa: the query fragments (load_query). table: the row's block table; first: first_round's.
+    // smem: kSmemFloats floats. All Warps warps. Prefetch: the next round's loads are in flight
+    // while a round computes (64 registers of rounds; the fused layer kernel, whose decode ranges
+    // are one or two rounds per warp, has no registers to spare for it).
+    template <bool Prefetch>
+    static __device__ __forceinline__ void attend_split(const Args &args, int row, int kv_head, int split, int splits, int pos,
+                                                 const int32_t *table, const QueryFragments &qa, const Round &first,
+                                                 float *smem) {
+        const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
+        const int g = lane / 4, q = lane % 4;
+        const auto [begin, end, active] = split_range(pos, split, splits);
+        if (split >= active) return;  // no range: the `active` others complete the row
+        float *partials = args.partials;
+        bi_bf16 *out = args.out;
+        const float scale = rsqrtf(static_cast<float>(BI_HEAD_DIM)) * kLog2e;  // scores in base 2
+
+        // Running softmax of this warp's positions, per head: the max (every lane), the sum (spread
+        // over the 4 lanes of the head's quad: lanes 4h..4h+3), and this lane's dims.
+        float run_max[kGroup] = {-INFINITY, -INFINITY}, run_sum = 0.0f, acc[kGroup][kDims] = {};
+        constexpr int kStride = Warps * kTokensPerRound;
+        auto round_at = [&, end = end](int base) {
+            return load_round(args.k_cache, args.v_cache, table[base / BI_BLOCK_TOKENS], kv_head, base, end);
+        };
+        Round kv = first;
+        const int first_base = begin + warp * kTokensPerRound;
+        if (first_base < end && first_base + kTokensPerRound > pos) kv = round_at(first_base);  // holds `pos`: maybe read before it was written
+        for (int base = first_base; base < end; base += kStride) {
+            if (!Prefetch && base != first_base) kv = round_at(base);
+            Round next;
+            if constexpr (Prefetch) next = base + kStride < end ? round_at(base + kStride) : Round{};
+            // Scores: lane (g < 2, q) gets head g at positions base + 2q and base + 2q + 1.
+            float s[4] = {};
+    #pragma unroll
+            for (int c = 0; c < kChunks; ++c) {
+                bi::mma_bf16(s, qa[c].x, 0u, qa[c].y, 0u, kv.k[c].x, kv.k[c].y);
+                bi::mma_bf16(s, qa[c].z, 0u, qa[c].w, 0u, kv.k[c].z, kv.k[c].w);
+            }
+            const float s0 = base + 2 * q < end ? s[0] * scale : -INFINITY;
+            const float s1 = base + 2 * q + 1 < end ? s[1] * scale : -INFINITY;
+            float round_max = fmaxf(s0, s1);
+            round_max = fmaxf(round_max, __shfl_xor_sync(0xffffffffu, round_max, 1));
+            round_max = fmaxf(round_max, __shfl_xor_sync(0xffffffffu, round_max, 2));
+            float new_max[kGroup], correction[kGroup];
+    #pragma unroll
             for (int h = 0; h < kGroup; ++h) {
-                const float p = __shfl_sync(0xffffffffu, j % 2 ? p1 : p0, 4 * h + j / 2);
-#pragma unroll
-                for (int d = 0; d < kDims; ++d) acc[h][d] += p * v[d];
+                new_max[h] = fmaxf(run_max[h], __shfl_sync(0xffffffffu, round_max, 4 * h));  // finite: base < end
+                correction[h] = exp2f(run_max[h] - new_max[h]);
+                run_max[h] = new_max[h];
+            }
+            // This lane's head (lanes of rows 2..15 compute what nobody reads).
+            const float own_max = g == 1 ? new_max[1] : new_max[0], own_correction = g == 1 ? correction[1] : correction[0];
+            const float p0 = exp2f(s0 - own_max), p1 = exp2f(s1 - own_max);
+            run_sum = run_sum * own_correction + p0 + p1;
+    #pragma unroll
+            for (int h = 0; h < kGroup; ++h)
+    #pragma unroll
+                for (int d = 0; d < kDims; ++d) acc[h][d] *= correction[h];
+    #pragma unroll
+            for (int j = 0; j < kTokensPerRound; ++j) {
+                float v[kDims];
+                unpack_dims(v, kv.v[j]);
+    #pragma unroll
+                for (int h = 0; h < kGroup; ++h) {
+                    const float p = __shfl_sync(0xffffffffu, j % 2 ? p1 : p0, 4 * h + j / 2);
+    #pragma unroll
+                    for (int d = 0; d < kDims; ++d) acc[h][d] += p * v[d];
+                }
+            }
+            if constexpr (Prefetch) kv = next;
+        }
+        run_sum += __shfl_xor_sync(0xffffffffu, run_sum, 1);
+        run_sum += __shfl_xor_sync(0xffffffffu, run_sum, 2);
+
+        // Merge the warps (one thread per head and dim), then write this range's partial.
+        auto warp_state = reinterpret_cast<float (*)[kGroup][BI_PARTIAL_FLOATS]>(smem);  // [Warps]
+    #pragma unroll
+        for (int h = 0; h < kGroup; ++h) {
+            if (lane == 4 * h) warp_state[warp][h][0] = run_max[h], warp_state[warp][h][1] = run_sum;
+    #pragma unroll
+            for (int d = 0; d < kDims; ++d) warp_state[warp][h][2 + lane * kDims + d] = acc[h][d];
+        }
+        sync();
+        const int h = threadIdx.x / BI_HEAD_DIM, d = threadIdx.x % BI_HEAD_DIM;
+        if (h < kGroup) {
+            float best = -INFINITY;
+    #pragma unroll
+            for (int w = 0; w < Warps; ++w) best = fmaxf(best, warp_state[w][h][0]);
+            float sum = 0.0f, merged = 0.0f;
+            if (best != -INFINITY) {
+    #pragma unroll
+                for (int w = 0; w < Warps; ++w) {
+                    const float scale_w = warp_state[w][h][0] == -INFINITY ? 0.0f : exp2f(warp_state[w][h][0] - best);
+                    sum += warp_state[w][h][1] * scale_w;
+                    merged += warp_state[w][h][2 + d] * scale_w;
+                }
+            }
+            if (active == 1) {  // the whole row in one range: no partials to merge
+                out[(static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * BI_HEAD_DIM + d] = bi::f32_to_bf16(merged / sum);
+            } else {
+                float *dst = partials + ((static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * splits + split) * BI_PARTIAL_FLOATS;
+                if (d == 0) dst[0] = best, dst[1] = sum;
+                dst[2 + d] = merged;
             }
         }
-        if constexpr (Prefetch) kv = next;
-    }
-    run_sum += __shfl_xor_sync(0xffffffffu, run_sum, 1);
-    run_sum += __shfl_xor_sync(0xffffffffu, run_sum, 2);
+        if (active == 1) return;
 
-    // Merge the warps (one thread per head and dim), then write this range's partial.
-    auto warp_state = reinterpret_cast<float (*)[kGroup][BI_PARTIAL_FLOATS]>(smem);  // [kWarps]
-#pragma unroll
-    for (int h = 0; h < kGroup; ++h) {
-        if (lane == 4 * h) warp_state[warp][h][0] = run_max[h], warp_state[warp][h][1] = run_sum;
-#pragma unroll
-        for (int d = 0; d < kDims; ++d) warp_state[warp][h][2 + lane * kDims + d] = acc[h][d];
-    }
-    bi::sync_compute_warps();
-    const int h = threadIdx.x / BI_HEAD_DIM, d = threadIdx.x % BI_HEAD_DIM;
-    if (h < kGroup) {
-        float best = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) best = fmaxf(best, warp_state[w][h][0]);
-        float sum = 0.0f, merged = 0.0f;
-        if (best != -INFINITY) {
-#pragma unroll
-            for (int w = 0; w < kWarps; ++w) {
-                const float scale_w = warp_state[w][h][0] == -INFINITY ? 0.0f : exp2f(warp_state[w][h][0] - best);
-                sum += warp_state[w][h][1] * scale_w;
-                merged += warp_state[w][h][2 + d] * scale_w;
-            }
+        // The last block of this (row, kv head) to finish merges every range into the output. The
+        // counter's add releases this block's partial (ordered before it by the block barrier) and
+        // acquires the others'.
+        __shared__ bool last;
+        sync();
+        if (threadIdx.x == 0) {
+            int32_t *counter = args.counters + static_cast<size_t>(row) * BI_KV_HEADS + kv_head;
+            int before;
+            asm volatile("atom.acq_rel.gpu.add.s32 %0, [%1], 1;\n" : "=r"(before) : "l"(counter) : "memory");
+            last = before == active - 1;
+            if (last) *counter = 0;  // ready for the next launch
         }
-        if (active == 1) {  // the whole row in one range: no partials to merge
-            out[(static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * BI_HEAD_DIM + d] = bi::f32_to_bf16(merged / sum);
-        } else {
-            float *dst = partials + ((static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * splits + split) * BI_PARTIAL_FLOATS;
-            if (d == 0) dst[0] = best, dst[1] = sum;
-            dst[2 + d] = merged;
+        sync();
+        if (!last) return;
+        // Stage the ranges of both heads with parallel loads (L2: other blocks wrote them), then merge.
+        auto staged = reinterpret_cast<float (*)[BI_MAX_SPLITS][BI_PARTIAL_FLOATS]>(smem);  // [kGroup]
+        const float *ranges = partials + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup) * splits * BI_PARTIAL_FLOATS;
+        for (int i = threadIdx.x; i < kGroup * active * BI_PARTIAL_FLOATS; i += Warps * bi::kWarp) {
+            const int head = i / (active * BI_PARTIAL_FLOATS), rest = i % (active * BI_PARTIAL_FLOATS);
+            staged[head][rest / BI_PARTIAL_FLOATS][rest % BI_PARTIAL_FLOATS] = __ldcg(ranges + head * splits * BI_PARTIAL_FLOATS + rest);
         }
+        sync();
+        if (h < kGroup) combine(out + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * BI_HEAD_DIM, staged[h], active, d);
     }
-    if (active == 1) return;
-
-    // The last block of this (row, kv head) to finish merges every range into the output. The
-    // counter's add releases this block's partial (ordered before it by the block barrier) and
-    // acquires the others'.
-    __shared__ bool last;
-    bi::sync_compute_warps();
-    if (threadIdx.x == 0) {
-        int32_t *counter = args.counters + static_cast<size_t>(row) * BI_KV_HEADS + kv_head;
-        int before;
-        asm volatile("atom.acq_rel.gpu.add.s32 %0, [%1], 1;\n" : "=r"(before) : "l"(counter) : "memory");
-        last = before == active - 1;
-        if (last) *counter = 0;  // ready for the next launch
-    }
-    bi::sync_compute_warps();
-    if (!last) return;
-    // Stage the ranges of both heads with parallel loads (L2: other blocks wrote them), then merge.
-    auto staged = reinterpret_cast<float (*)[BI_MAX_SPLITS][BI_PARTIAL_FLOATS]>(smem);  // [kGroup]
-    const float *ranges = partials + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup) * splits * BI_PARTIAL_FLOATS;
-    for (int i = threadIdx.x; i < kGroup * active * BI_PARTIAL_FLOATS; i += kWarps * bi::kWarp) {
-        const int head = i / (active * BI_PARTIAL_FLOATS), rest = i % (active * BI_PARTIAL_FLOATS);
-        staged[head][rest / BI_PARTIAL_FLOATS][rest % BI_PARTIAL_FLOATS] = __ldcg(ranges + head * splits * BI_PARTIAL_FLOATS + rest);
-    }
-    bi::sync_compute_warps();
-    if (h < kGroup) combine(out + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * BI_HEAD_DIM, staged[h], active, d);
-}
+};
 
 }  // namespace bi::attn

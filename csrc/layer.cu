@@ -84,7 +84,7 @@ constexpr int kRowPad = 32;
 // blocks x 48 KiB = 6.3 MB against ~3.4 MB in flight at 4 TB/s and 0.8 us), few enough that
 // the loads and atomics on the critical path do not queue behind megabytes of weights.
 constexpr uint32_t kCopyWindow = 48 * 1024;  // default of bi_layer_state.copy_window
-static_assert(bi::attn::kWarps == kWarps, "the attention core runs on the same 16 warps");
+using Attention = bi::attn::Core<kWarps>;  // on the compute warps
 
 constexpr int kQkvRows = (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
 constexpr int kQWidth = BI_Q_HEADS * BI_HEAD_DIM;
@@ -115,7 +115,7 @@ static_assert(sizeof(Vectors) % 16 == 0 && offsetof(Vectors, inv_freq) % 16 == 0
 template <typename W>
 struct Layout {
     static constexpr int kRegionA = larger(larger(kQkvTiles * tile_elems(BI_HIDDEN), tile_elems(BI_INTERMEDIATE)) * sizeof(W),
-                                           bi::attn::kSmemFloats * 4);
+                                           Attention::kSmemFloats * 4);
     static constexpr int kRegionB = tile_elems(kQWidth) * sizeof(W);
     static constexpr int kRegionC = kGateUpTiles * tile_elems(BI_HIDDEN) * sizeof(W);
     static constexpr int kBytes = kRegionA + kRegionB + kRegionC + (kReduceFloats + kWarps * kMaxRows) * 4 + sizeof(Vectors);
@@ -435,16 +435,16 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
                     st.attn[(static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup) * BI_HEAD_DIM + i] = 0;
             continue;
         }
-        const int active = split_range(pos, split, st.splits).active;
+        const int active = Attention::split_range(pos, split, st.splits).active;
         if (split >= active) continue;  // a short context uses fewer ranges
-        const Round round0 = first_round(args, table, kv_head, split, st.splits, pos);
+        const Round round0 = Attention::first_round(args, table, kv_head, split, st.splits, pos);
         if (wait_heads) wait_kv_head(st.arrivals + 1, kv_head, launch);
         if (!stamped) stamp(), stamped = true;
         const float *qkv = st.qkv + static_cast<size_t>(row) * (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
         // Both query heads, normalized and rotated by warps 0 and 1 (lane l: dims 4l..4l+3),
         // rounded to bf16 as the separate kernels store them, staged in shared memory for the
         // other warps' mma fragments.
-        bi_bf16 *heads = reinterpret_cast<bi_bf16 *>(smem + kMergeFloats);  // [kGroup][128]
+        bi_bf16 *heads = reinterpret_cast<bi_bf16 *>(smem + Attention::kMergeFloats);  // [kGroup][128]
         if (warp < kGroup) {
             float qh[kDims];
             norm_rope(qh, qkv + (kv_head * kGroup + warp) * BI_HEAD_DIM, vec.q_norm, pos, vec.inv_freq, st.eps);
@@ -467,7 +467,7 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
         bi::sync_compute_warps();
         QueryFragments qa;
         load_query(qa, heads);
-        attend_split<false>(args, row, kv_head, split, st.splits, pos, table, qa, round0, smem);
+        Attention::attend_split<false>(args, row, kv_head, split, st.splits, pos, table, qa, round0, smem);
         bi::sync_compute_warps();  // shared memory is reused by the next item
     }
     if (!stamped) stamp();
