@@ -303,9 +303,9 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
     };
     let mut rng = common::fresh_rng("gpu_linear");
     // Skinny tilings (m <= 16; up to 32 with n <= 8192: two row tiles) and the tiled ones (64 or
-    // 128 rows, 64 or 128 columns; k split across a cluster where the tiles are few: m = 24 with
+    // 128 rows by 128 columns; k split across a cluster where the tiles are few: m = 24 with
     // n = 9216, 33, 40, 64, 65, 200, 256 here), with the model's k and both n paths, for bf16
-    // and INT8 weights; n = 1040 ends in a partial tile.
+    // and INT8 weights; n = 1040 and n = 384 end in a partial tile.
     for int8 in [false, true] {
         for &dims in &[
             (1, 1024, 3072),
