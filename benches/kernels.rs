@@ -6,7 +6,7 @@
 //!     cargo bench --bench kernels
 
 use anyhow::{Context, Result};
-use cudarc::driver::{sys, CudaSlice};
+use cudarc::driver::{sys, CudaSlice, DevicePtrMut};
 
 use braidinfer::bench::{copy_bandwidth, Timer};
 use braidinfer::gpu::kernels::{
@@ -50,6 +50,44 @@ fn graph_us(gpu: &Gpu, launches: usize, mut op: impl FnMut(usize) -> Result<()>)
         )?)
 }
 
+fn bf16_refs(matrices: &[CudaSlice<u16>]) -> Vec<MatrixRef<'_>> {
+    matrices.iter().map(MatrixRef::Bf16).collect()
+}
+
+/// Median microseconds per launch of rmsnorm(x) . w^T, one launch per matrix of `weights` in
+/// one graph (distinct matrices, as a step's layers, so that none is served from L2).
+#[allow(clippy::too_many_arguments)]
+fn norm_product_us<O>(
+    gpu: &Gpu,
+    out: &mut impl DevicePtrMut<O>,
+    x: &CudaSlice<f32>,
+    norm: &CudaSlice<u16>,
+    weights: &[MatrixRef<'_>],
+    scratch: &mut CudaSlice<u16>,
+    dims: (usize, usize, usize),
+    epilogue: NormEpilogue,
+) -> Result<f64> {
+    let us = graph_us(gpu, weights.len(), |i| {
+        kernels::norm_linear(gpu, out, x, norm, 1e-6, weights[i], scratch, dims, epilogue)
+    })?;
+    Ok(us / weights.len() as f64)
+}
+
+/// The same for a . w^T.
+fn product_us(
+    gpu: &Gpu,
+    out: &mut CudaSlice<f32>,
+    a: &CudaSlice<u16>,
+    weights: &[MatrixRef<'_>],
+    dims: (usize, usize, usize),
+    epilogue: Epilogue,
+) -> Result<f64> {
+    let us = graph_us(gpu, weights.len(), |i| {
+        kernels::linear(gpu, out, a, weights[i], dims, epilogue)
+    })?;
+    Ok(us / weights.len() as f64)
+}
+
 fn main() -> Result<()> {
     let gpu = match Gpu::open() {
         Ok(gpu) => gpu,
@@ -73,6 +111,12 @@ fn main() -> Result<()> {
     let down: Vec<_> = (0..LAYERS)
         .map(|_| random_bf16(&gpu, &mut rng, HIDDEN * INTERMEDIATE, 0.02))
         .collect::<Result<_>>()?;
+    let (qkv, o, gate_up, down) = (
+        bf16_refs(&qkv),
+        bf16_refs(&o),
+        bf16_refs(&gate_up),
+        bf16_refs(&down),
+    );
     let norm = random_bf16(&gpu, &mut rng, HIDDEN, 1.0)?;
     let head_norm = random_bf16(&gpu, &mut rng, 128, 1.0)?;
     let lm_head = random_bf16(&gpu, &mut rng, 151_936 * HIDDEN, 0.03)?;
@@ -112,19 +156,16 @@ fn main() -> Result<()> {
     table.push((
         "qkv: rmsnorm + [4096 x 1024]",
         mb(QKV_WIDTH * HIDDEN),
-        graph_us(&gpu, LAYERS, |i| {
-            kernels::norm_linear(
-                &gpu,
-                &mut qkv_out,
-                &x,
-                &norm,
-                1e-6,
-                MatrixRef::Bf16(&qkv[i]),
-                &mut scratch,
-                (1, QKV_WIDTH, HIDDEN),
-                NormEpilogue::Store,
-            )
-        })?,
+        norm_product_us(
+            &gpu,
+            &mut qkv_out,
+            &x,
+            &norm,
+            &qkv,
+            &mut scratch,
+            (1, QKV_WIDTH, HIDDEN),
+            NormEpilogue::Store,
+        )?,
     ));
     table.push((
         "q/k norm + rope + cache write",
@@ -146,7 +187,7 @@ fn main() -> Result<()> {
                 &rows,
                 1e-6,
             )
-        })?,
+        })? / LAYERS as f64,
     ));
     table.push((
         "attention, context 1024",
@@ -167,69 +208,59 @@ fn main() -> Result<()> {
                 &rows,
                 splits,
             )
-        })?,
+        })? / LAYERS as f64,
     ));
     table.push((
         "o: [1024 x 2048] + residual",
         mb(HIDDEN * Q_WIDTH),
-        graph_us(&gpu, LAYERS, |i| {
-            kernels::linear(
-                &gpu,
-                &mut residual,
-                &attn,
-                MatrixRef::Bf16(&o[i]),
-                (1, HIDDEN, Q_WIDTH),
-                Epilogue::AddResidual,
-            )
-        })?,
+        product_us(
+            &gpu,
+            &mut residual,
+            &attn,
+            &o,
+            (1, HIDDEN, Q_WIDTH),
+            Epilogue::AddResidual,
+        )?,
     ));
     table.push((
         "gate/up: rmsnorm + [6144 x 1024] + SwiGLU",
         mb(2 * INTERMEDIATE * HIDDEN),
-        graph_us(&gpu, LAYERS, |i| {
-            kernels::norm_linear(
-                &gpu,
-                &mut act,
-                &x,
-                &norm,
-                1e-6,
-                MatrixRef::Bf16(&gate_up[i]),
-                &mut scratch,
-                (1, 2 * INTERMEDIATE, HIDDEN),
-                NormEpilogue::SwiGlu,
-            )
-        })?,
+        norm_product_us(
+            &gpu,
+            &mut act,
+            &x,
+            &norm,
+            &gate_up,
+            &mut scratch,
+            (1, 2 * INTERMEDIATE, HIDDEN),
+            NormEpilogue::SwiGlu,
+        )?,
     ));
     table.push((
         "down: [1024 x 3072] + residual",
         mb(HIDDEN * INTERMEDIATE),
-        graph_us(&gpu, LAYERS, |i| {
-            kernels::linear(
-                &gpu,
-                &mut residual,
-                &act,
-                MatrixRef::Bf16(&down[i]),
-                (1, HIDDEN, INTERMEDIATE),
-                Epilogue::AddResidual,
-            )
-        })?,
+        product_us(
+            &gpu,
+            &mut residual,
+            &act,
+            &down,
+            (1, HIDDEN, INTERMEDIATE),
+            Epilogue::AddResidual,
+        )?,
     ));
     // The LM head with bf16 weights and with their INT8 quantization.
     let head_int8 = Matrix::quantize(&gpu, &lm_head, 151_936, HIDDEN)?;
     let mut head_us = |head: MatrixRef<'_>| {
-        graph_us(&gpu, 1, |_| {
-            kernels::norm_linear(
-                &gpu,
-                &mut logits,
-                &x,
-                &norm,
-                1e-6,
-                head,
-                &mut scratch,
-                (1, 151_936, HIDDEN),
-                NormEpilogue::Store,
-            )
-        })
+        norm_product_us(
+            &gpu,
+            &mut logits,
+            &x,
+            &norm,
+            &[head],
+            &mut scratch,
+            (1, 151_936, HIDDEN),
+            NormEpilogue::Store,
+        )
     };
     let heads = [
         (
@@ -253,10 +284,9 @@ fn main() -> Result<()> {
         "kernel", "us", "GB/s", "of copy"
     );
     let mut layer_total = 0.0;
-    for (name, bytes, us) in &table {
-        let per = us / LAYERS as f64;
+    for &(name, bytes, per) in &table {
         layer_total += per;
-        let gbs = *bytes as f64 / (per * 1e-6) / 1e9;
+        let gbs = bytes as f64 / (per * 1e-6) / 1e9;
         println!(
             "{name:<44} {per:>10.2} {gbs:>10.0} {:>8.1}%",
             100.0 * gbs * 1e9 / copy
@@ -338,10 +368,10 @@ fn batched_attention(gpu: &Gpu, copy: f64) -> Result<()> {
 }
 
 struct LayerWeights<'a> {
-    qkv: &'a [CudaSlice<u16>],
-    o: &'a [CudaSlice<u16>],
-    gate_up: &'a [CudaSlice<u16>],
-    down: &'a [CudaSlice<u16>],
+    qkv: &'a [MatrixRef<'a>],
+    o: &'a [MatrixRef<'a>],
+    gate_up: &'a [MatrixRef<'a>],
+    down: &'a [MatrixRef<'a>],
     norm: &'a CudaSlice<u16>,
     lm_head: &'a CudaSlice<u16>,
 }
@@ -372,74 +402,57 @@ fn batched_products(
         "m", "product", "us", "of copy", "TFLOP/s"
     );
     for m in [32, 64, 128, 256] {
-        let qkv = graph_us(gpu, LAYERS, |i| {
-            kernels::norm_linear(
-                gpu,
-                &mut wide,
-                &x,
-                w.norm,
-                1e-6,
-                MatrixRef::Bf16(&w.qkv[i]),
-                &mut scratch,
-                (m, QKV_WIDTH, HIDDEN),
-                NormEpilogue::Store,
-            )
-        })?;
-        let o = graph_us(gpu, LAYERS, |i| {
-            kernels::linear(
-                gpu,
-                &mut residual,
-                &attn,
-                MatrixRef::Bf16(&w.o[i]),
-                (m, HIDDEN, Q_WIDTH),
-                Epilogue::AddResidual,
-            )
-        })?;
-        let gate_up = graph_us(gpu, LAYERS, |i| {
-            kernels::norm_linear(
-                gpu,
-                &mut act,
-                &x,
-                w.norm,
-                1e-6,
-                MatrixRef::Bf16(&w.gate_up[i]),
-                &mut scratch,
-                (m, 2 * INTERMEDIATE, HIDDEN),
-                NormEpilogue::SwiGlu,
-            )
-        })?;
-        let down = graph_us(gpu, LAYERS, |i| {
-            kernels::linear(
-                gpu,
-                &mut residual,
-                &act_in,
-                MatrixRef::Bf16(&w.down[i]),
-                (m, HIDDEN, INTERMEDIATE),
-                Epilogue::AddResidual,
-            )
-        })?;
-        let head = graph_us(gpu, 1, |_| {
-            kernels::norm_linear(
-                gpu,
-                &mut wide,
-                &x,
-                w.norm,
-                1e-6,
-                MatrixRef::Bf16(w.lm_head),
-                &mut scratch,
-                (m, 151_936, HIDDEN),
-                NormEpilogue::Store,
-            )
-        })?;
+        let qkv = norm_product_us(
+            gpu,
+            &mut wide,
+            &x,
+            w.norm,
+            w.qkv,
+            &mut scratch,
+            (m, QKV_WIDTH, HIDDEN),
+            NormEpilogue::Store,
+        )?;
+        let o = product_us(
+            gpu,
+            &mut residual,
+            &attn,
+            w.o,
+            (m, HIDDEN, Q_WIDTH),
+            Epilogue::AddResidual,
+        )?;
+        let gate_up = norm_product_us(
+            gpu,
+            &mut act,
+            &x,
+            w.norm,
+            w.gate_up,
+            &mut scratch,
+            (m, 2 * INTERMEDIATE, HIDDEN),
+            NormEpilogue::SwiGlu,
+        )?;
+        let down = product_us(
+            gpu,
+            &mut residual,
+            &act_in,
+            w.down,
+            (m, HIDDEN, INTERMEDIATE),
+            Epilogue::AddResidual,
+        )?;
+        let head = norm_product_us(
+            gpu,
+            &mut wide,
+            &x,
+            w.norm,
+            &[MatrixRef::Bf16(w.lm_head)],
+            &mut scratch,
+            (m, 151_936, HIDDEN),
+            NormEpilogue::Store,
+        )?;
         for (name, (n, k), us) in [
-            ("qkv", (QKV_WIDTH, HIDDEN), qkv / LAYERS as f64),
-            ("o", (HIDDEN, Q_WIDTH), o / LAYERS as f64),
-            (
-                "gate/up",
-                (2 * INTERMEDIATE, HIDDEN),
-                gate_up / LAYERS as f64,
-            ),
-            ("down", (HIDDEN, INTERMEDIATE), down / LAYERS as f64),
+            ("qkv", (QKV_WIDTH, HIDDEN), qkv),
+            ("o", (HIDDEN, Q_WIDTH), o),
+            ("gate/up", (2 * INTERMEDIATE, HIDDEN), gate_up),
+            ("down", (HIDDEN, INTERMEDIATE), down),
             ("lm head", (151_936, HIDDEN), head),
         ] {
             let seconds = us * 1e-6;

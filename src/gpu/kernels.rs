@@ -147,6 +147,7 @@ pub fn quantize_int8(
 }
 
 /// What `linear` does with its f32 result.
+#[derive(Clone, Copy)]
 pub enum Epilogue {
     /// out f32 [m, n] = a . w^T
     Store,
@@ -316,6 +317,7 @@ pub fn norm_linear<O>(
 
 /// What `norm_linear` writes: f32 [m, n] (`out` holds f32), or the SwiGLU of interleaved
 /// gate/up rows as bf16 [m, n / 2] (`out` holds u16 bits).
+#[derive(Clone, Copy)]
 pub enum NormEpilogue {
     Store,
     SwiGlu,
