@@ -65,6 +65,13 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 #endif
 }
 
+// The SM count of the current device.
+inline cudaError_t multiprocessors(int &sms) {
+    int device = 0;
+    const cudaError_t e = cudaGetDevice(&device);
+    return e != cudaSuccess ? e : cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+}
+
 // Launches `kernel` with programmatic stream serialization, in clusters of `cluster` blocks
 // (1 x 1 x 1: none), and returns the launch error.
 template <typename... Params, typename... Args>

@@ -576,10 +576,8 @@ extern "C" cudaError_t bi_decode_layer(const bi_layer_weights *weights, const bi
     if (weights == nullptr || state == nullptr || state->m <= 0 || state->m > kMaxRows || state->splits <= 0 ||
         state->splits > BI_MAX_SPLITS || state->max_blocks <= 0)
         return cudaErrorInvalidValue;
-    int device = 0, sms = 0;
-    cudaError_t e = cudaGetDevice(&device);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (e != cudaSuccess) return e;
+    int sms = 0;
+    if (const cudaError_t e = bi::multiprocessors(sms); e != cudaSuccess) return e;
     if (sms < BI_FUSED_DECODE_MIN_SMS) return cudaErrorInvalidConfiguration;
     const bool int8 = weights->qkv.scales != nullptr;
     for (const bi_matrix *m : {&weights->qkv, &weights->o, &weights->gate_up, &weights->down})

@@ -373,21 +373,10 @@ cudaError_t launch_skinny(const SkinnyArgs &args, cudaStream_t stream) {
     return launch_skinny_shape<MT, 1, 16, 8, Epilogue, Norm>(args, stream);
 }
 
-int multiprocessors() {
-    static const int count = [] {
-        int device = 0, sms = 0;
-        if (cudaGetDevice(&device) != cudaSuccess ||
-            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-            return 1;
-        return sms;
-    }();
-    return count;
-}
-
 // Splits of k for `tiles` output tiles: one wave of `resident` blocks per SM, at most a
 // portable cluster (8) per tile and at least kMinSplitKTiles k steps per split.
-int split_count(int tiles, int k_tiles, int resident) {
-    const int slots = multiprocessors() * resident;
+int split_count(int tiles, int k_tiles, int sms, int resident) {
+    const int slots = sms * resident;
     return tiles >= slots ? 1 : std::max(1, std::min({slots / tiles, kMaxSplits, k_tiles / kMinSplitKTiles}));
 }
 
@@ -395,13 +384,13 @@ template <int Epilogue, typename W, int BM, int BN>
 cudaError_t launch_tiled_shape(const TiledArgs &args, cudaStream_t stream) {
     using T = Tile<W, BM, BN>;
     const auto kernel = tiled_kernel<Epilogue, W, BM, BN>;
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(T::kSmem));
+    int sms = 0, resident = 0;
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(T::kSmem));
+    if (e == cudaSuccess) e = bi::multiprocessors(sms);
+    if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kTiledThreads, T::kSmem);
     if (e != cudaSuccess) return e;
     const int tiles_n = (args.n + BN - 1) / BN, tiles_m = (args.m + BM - 1) / BM;
-    int resident = 0;
-    const cudaError_t occupancy = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kTiledThreads, T::kSmem);
-    if (occupancy != cudaSuccess) return occupancy;
-    const int splits = split_count(tiles_n * tiles_m, args.k / T::kK, resident);
+    const int splits = split_count(tiles_n * tiles_m, args.k / T::kK, sms, resident);
     return bi::launch_clustered(kernel, dim3(tiles_n, tiles_m, splits), dim3(kTiledThreads), T::kSmem, stream,
                                 dim3(1, 1, splits), args);
 }
