@@ -9,7 +9,7 @@
 //   a and w, so the dot product is unchanged): a thread's 8 contiguous bf16 feed two k16 steps.
 //   At m = 1 the tensor core wastes 15/16 of its rows, which costs nothing in a memory-bound
 //   product.
-// - tiled (m > 32, the LM head above m = 16, prefill): 64/128-row x 64/128-column block tiles
+// - tiled (m > 32, the LM head above m = 16, prefill): 64/128-row x 128-column block tiles
 //   through a deep cp.async pipeline and ldmatrix, k split across blocks when the tiles alone
 //   leave SMs idle. (At m = 64 the skinny kernel re-read the activations in every block: 89 us
 //   per layer on an H200, ncu, against 43 us tiled; at m = 32 skinny with its fused RMSNorm
@@ -129,8 +129,8 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tiled: BM x BN output tiles (BM 64 or 128, BN 128) through a cp.async pipeline as deep
-// as two blocks per SM allow; 8 warps of (BM/2) x (BN/4). bf16 weight fragments come from
+// Tiled: BM x 128 output tiles (BM 64 or 128) through a cp.async pipeline as deep as two
+// blocks per SM allow; 8 warps of (BM/2) x 32. bf16 weight fragments come from
 // ldmatrix; INT8 ones are read two bytes at a time and converted. Decode products stream their
 // weights, and the bytes each SM has in flight set their bandwidth: hence the deep pipelines
 // and k steps of 64. When the tiles are too few to fill the SMs (decode batches against the
@@ -140,22 +140,23 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
 // depend on timing) and applies the epilogue.
 
 constexpr int kTiledThreads = 256;
+constexpr int kTileN = 128;  // columns per tile
 constexpr int kTiledSmem = 110 * 1024;  // per block: two blocks fit an SM
 constexpr int kMaxSplits = 8;
 constexpr int kMinSplitKTiles = 4;  // k steps per split: shorter ones leave the pipeline empty
 
-template <typename W, int BM, int BN>
+template <typename W, int BM>
 struct Tile {
     static constexpr int kK = 64;  // k per stage
-    static constexpr int kMT = BM / 32, kNT = BN / 32;  // m16 and n8 fragments per warp
-    static constexpr int kFragments = kMT * kNT;  // x 4 accumulators x 256 threads = BM * BN
-    static_assert(BM * BN * 4 <= kTiledSmem, "split k leaves a tile of f32 partials in shared memory");
+    static constexpr int kMT = BM / 32, kNT = kTileN / 32;  // m16 and n8 fragments per warp
+    static constexpr int kFragments = kMT * kNT;  // x 4 accumulators x 256 threads = BM * kTileN
+    static_assert(BM * kTileN * 4 <= kTiledSmem, "split k leaves a tile of f32 partials in shared memory");
     // Padded smem rows: bf16 rows of kK + 8 (ldmatrix's 8 rows fall in distinct banks); INT8
     // weight rows of kK + 16 bytes (so do the 8 rows of a fragment read).
     static constexpr int kAPitch = kK + 8;  // bf16
     static constexpr int kWPitch = sizeof(W) == 1 ? kK + 16 : kAPitch * 2;  // bytes
     static constexpr int kAChunks = kK * 2 / 16, kWChunks = kK * sizeof(W) / 16;  // 16-byte chunks per row
-    static constexpr int kStageBytes = BM * kAPitch * 2 + BN * kWPitch;
+    static constexpr int kStageBytes = BM * kAPitch * 2 + kTileN * kWPitch;
     // As many stages as fit: a product of few rows streams its weights, and the bytes each SM
     // has in flight are what set its bandwidth (4 stages of 64x64 reached 15% of DRAM
     // bandwidth: ncu, H200).
@@ -221,17 +222,17 @@ __device__ __forceinline__ int2 reduce_splits(float (&acc)[kFragments][4], float
     return share;
 }
 
-// grid (n / BN, m / BM rounded up, splits).
-template <int Epilogue, typename W, int BM, int BN>
+// grid (n / kTileN, m / BM rounded up, splits).
+template <int Epilogue, typename W, int BM>
 __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(TiledArgs args) {
-    using T = Tile<W, BM, BN>;
+    using T = Tile<W, BM>;
     extern __shared__ __align__(16) unsigned char smem[];
     const W *__restrict__ w = static_cast<const W *>(args.w.values);
     const bi_bf16 *__restrict__ a = args.a;
     const int m = args.m, n = args.n, k = args.k;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
-    const int wm = warp / 4, wn = warp % 4;  // warp tile: rows wm*BM/2.., cols wn*BN/4..
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int wm = warp / 4, wn = warp % 4;  // warp tile: rows wm*BM/2.., cols wn*kTileN/4..
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * kTileN;
     constexpr int kStages = T::kStages;
     const int k_tiles = k / T::kK, splits = gridDim.z;
     const int kt_begin = blockIdx.z * k_tiles / splits, kt_end = (blockIdx.z + 1) * k_tiles / splits;
@@ -242,8 +243,8 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(TiledArgs args) {
     // This thread's 16-byte chunks of every stage: the source at k = 0, the smem offset, and
     // whether the row exists (rows past m or n are zero-filled). Computed once: recomputing the
     // addresses per stage cost more issue slots than the stage's mma.
-    constexpr int kAIters = BM * T::kAChunks / kTiledThreads, kWIters = BN * T::kWChunks / kTiledThreads;
-    static_assert(BM * T::kAChunks % kTiledThreads == 0 && BN * T::kWChunks % kTiledThreads == 0, "whole chunks per thread");
+    constexpr int kAIters = BM * T::kAChunks / kTiledThreads, kWIters = kTileN * T::kWChunks / kTiledThreads;
+    static_assert(BM * T::kAChunks % kTiledThreads == 0 && kTileN * T::kWChunks % kTiledThreads == 0, "whole chunks per thread");
     const bi_bf16 *a_src[kAIters];
     const W *w_src[kWIters];
     int a_dst[kAIters], w_dst[kWIters];
@@ -307,14 +308,14 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(TiledArgs args) {
                 for (int np = 0; np < T::kNT / 2; ++np) {  // two n8 tiles per ldmatrix.x4
                     uint32_t r[4];
                     ldmatrix_x4(r, reinterpret_cast<const bi_bf16 *>(sw) +
-                                       (wn * (BN / 4) + np * 16 + lane % 8 + (lane / 16) * 8) * T::kAPitch + ks + ((lane / 8) % 2) * 8);
+                                       (wn * (kTileN / 4) + np * 16 + lane % 8 + (lane / 16) * 8) * T::kAPitch + ks + ((lane / 8) % 2) * 8);
                     bf[2 * np][0] = r[0], bf[2 * np][1] = r[1], bf[2 * np + 1][0] = r[2], bf[2 * np + 1][1] = r[3];
                 }
             } else {
                 const int g = lane / 4, q = lane % 4;  // B fragment: row g, k 2q, 2q + 1 and 2q + 8, 2q + 9
 #pragma unroll
                 for (int nt = 0; nt < T::kNT; ++nt) {
-                    const unsigned char *row = sw + (wn * (BN / 4) + nt * 8 + g) * T::kWPitch + ks + 2 * q;
+                    const unsigned char *row = sw + (wn * (kTileN / 4) + nt * 8 + g) * T::kWPitch + ks + 2 * q;
                     bf[nt][0] = bi::int8x2_to_bf16x2(*reinterpret_cast<const uint16_t *>(row));
                     bf[nt][1] = bi::int8x2_to_bf16x2(*reinterpret_cast<const uint16_t *>(row + 8));
                 }
@@ -338,7 +339,7 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(TiledArgs args) {
     for (int f = 0; f < T::kFragments; ++f) {
         if (f < share.x || f >= share.y) continue;
         const int mt = f / T::kNT, nt = f % T::kNT;
-        const int row = m0 + wm * (BM / 2) + mt * 16 + g, col = n0 + wn * (BN / 4) + nt * 8 + 2 * q;
+        const int row = m0 + wm * (BM / 2) + mt * 16 + g, col = n0 + wn * (kTileN / 4) + nt * 8 + 2 * q;
         if (col >= n) continue;
         const float2 s = bi::column_scales<W>(args.w.scales, col);
         if (row < m) store_pair<Epilogue>(args.out, n, row, col, acc[f][0] * s.x, acc[f][1] * s.y);
@@ -380,16 +381,16 @@ int split_count(int tiles, int k_tiles, int sms, int resident) {
     return tiles >= slots ? 1 : std::max(1, std::min({slots / tiles, kMaxSplits, k_tiles / kMinSplitKTiles}));
 }
 
-template <int Epilogue, typename W, int BM, int BN>
+template <int Epilogue, typename W, int BM>
 cudaError_t launch_tiled_shape(const TiledArgs &args, cudaStream_t stream) {
-    using T = Tile<W, BM, BN>;
-    const auto kernel = tiled_kernel<Epilogue, W, BM, BN>;
+    using T = Tile<W, BM>;
+    const auto kernel = tiled_kernel<Epilogue, W, BM>;
     int sms = 0, resident = 0;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(T::kSmem));
     if (e == cudaSuccess) e = bi::multiprocessors(sms);
     if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kTiledThreads, T::kSmem);
     if (e != cudaSuccess) return e;
-    const int tiles_n = (args.n + BN - 1) / BN, tiles_m = (args.m + BM - 1) / BM;
+    const int tiles_n = (args.n + kTileN - 1) / kTileN, tiles_m = (args.m + BM - 1) / BM;
     const int splits = split_count(tiles_n * tiles_m, args.k / T::kK, sms, resident);
     return bi::launch_clustered(kernel, dim3(tiles_n, tiles_m, splits), dim3(kTiledThreads), T::kSmem, stream,
                                 dim3(1, 1, splits), args);
@@ -403,8 +404,8 @@ cudaError_t launch_tiled(const TiledArgs &args, cudaStream_t stream) {
     if (args.k % 64 != 0) return cudaErrorInvalidValue;
     return bi::with_weight_type(args.w, [&](auto type) {
         using W = decltype(type);
-        return args.m <= 64 ? launch_tiled_shape<Epilogue, W, 64, 128>(args, stream)
-                            : launch_tiled_shape<Epilogue, W, 128, 128>(args, stream);
+        return args.m <= 64 ? launch_tiled_shape<Epilogue, W, 64>(args, stream)
+                            : launch_tiled_shape<Epilogue, W, 128>(args, stream);
     });
 }
 
