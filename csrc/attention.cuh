@@ -91,8 +91,8 @@ __device__ __forceinline__ void load_query(QueryFragments &qa, const bi_bf16 *he
         qa[c] = g < kGroup ? *reinterpret_cast<const uint4 *>(heads + g * BI_HEAD_DIM + 32 * c + 8 * q) : make_uint4(0, 0, 0, 0);
 }
 
-// The attention core for a block of `Warps` warps (synchronized with named barrier 1): the
-// separate kernel runs it with 8, the fused layer kernel with its 16 compute warps.
+// The attention core for a block's first `Warps` warps (bi::sync_warps): the separate kernel
+// runs it with 8, the fused layer kernel with its 16 compute warps.
 template <int Warps>
 struct Core {
     // Shared memory: the warps' states for the block merge, later the ranges for the final
@@ -105,8 +105,6 @@ struct Core {
     // them, which is more than merging more ranges costs (measured in the fused layer kernel at
     // context 1024: two rounds per range 7.3 us per layer, one round: see csrc/layer.cu).
     static constexpr int kMinSplitTokens = Warps * kTokensPerRound;
-
-    static __device__ __forceinline__ void sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(Warps * bi::kWarp) : "memory"); }
 
     // Range `split` of positions [0, pos] when a row is cut into at most `splits` ranges of at
     // least kMinSplitTokens, each starting on a cache block (split >= active: none).
@@ -210,7 +208,7 @@ struct Core {
     #pragma unroll
             for (int d = 0; d < kDims; ++d) warp_state[warp][h][2 + lane * kDims + d] = acc[h][d];
         }
-        sync();
+        bi::sync_warps<Warps>();
         const int h = threadIdx.x / BI_HEAD_DIM, d = threadIdx.x % BI_HEAD_DIM;
         if (h < kGroup) {
             float best = -INFINITY;
@@ -239,7 +237,7 @@ struct Core {
         // counter's add releases this block's partial (ordered before it by the block barrier) and
         // acquires the others'.
         __shared__ bool last;
-        sync();
+        bi::sync_warps<Warps>();
         if (threadIdx.x == 0) {
             int32_t *counter = args.counters + static_cast<size_t>(row) * BI_KV_HEADS + kv_head;
             int before;
@@ -247,7 +245,7 @@ struct Core {
             last = before == active - 1;
             if (last) *counter = 0;  // ready for the next launch
         }
-        sync();
+        bi::sync_warps<Warps>();
         if (!last) return;
         // Stage the ranges of both heads with parallel loads (L2: other blocks wrote them), then merge.
         auto staged = reinterpret_cast<float (*)[BI_MAX_SPLITS][BI_PARTIAL_FLOATS]>(smem);  // [kGroup]
@@ -256,7 +254,7 @@ struct Core {
             const int head = i / (active * BI_PARTIAL_FLOATS), rest = i % (active * BI_PARTIAL_FLOATS);
             staged[head][rest / BI_PARTIAL_FLOATS][rest % BI_PARTIAL_FLOATS] = __ldcg(ranges + head * splits * BI_PARTIAL_FLOATS + rest);
         }
-        sync();
+        bi::sync_warps<Warps>();
         if (h < kGroup) combine(out + (static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup + h) * BI_HEAD_DIM, staged[h], active, d);
     }
 };

@@ -42,10 +42,11 @@ __device__ __forceinline__ float block_sum(float value, float *scratch) {
     return warp_sum(value);
 }
 
-// Synchronizes the 16 warps (512 threads) that compute, with named barrier 1: the whole block in
-// the attention kernel, every warp but the copy warp in the fused layer kernel.
-__device__ __forceinline__ void sync_compute_warps() {
-    asm volatile("bar.sync 1, 512;\n" ::: "memory");
+// Synchronizes the block's first `Warps` warps with named barrier 1: the whole block in the
+// attention kernel, every warp but the copy warp in the fused layer kernel.
+template <int Warps>
+__device__ __forceinline__ void sync_warps() {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(Warps * kWarp) : "memory");
 }
 
 // Programmatic dependent launch (sm_90): every kernel is launched allowed to start before the

@@ -256,7 +256,7 @@ __device__ __forceinline__ void load_a(const bi::Activations &act, float eps, ui
             sum_sq[h] += __shfl_xor_sync(0xffffffffu, sum_sq[h], 2);
             if (q == 0) sums[warp * kMaxRows + g + 8 * h] = sum_sq[h];
         }
-        bi::sync_compute_warps();
+        bi::sync_warps<kWarps>();
         float inv_rms[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -316,7 +316,7 @@ __device__ __forceinline__ void product(const W *staged, const float *scales, ui
             if (g + 8 < m) *reinterpret_cast<float2 *>(part + (g + 8) * kTileRows + 2 * q) = make_float2(acc[2], acc[3]);
         }
         if (first + group >= count) stamp();
-        bi::sync_compute_warps();
+        bi::sync_warps<kWarps>();
         if (reducer) {
             float2 sum = make_float2(0.0f, 0.0f);
 #pragma unroll
@@ -328,7 +328,7 @@ __device__ __forceinline__ void product(const W *staged, const float *scales, ui
             constexpr int kStore = Epilogue == BI_EPILOGUE_ADD_RESIDUAL ? BI_EPILOGUE_STORE_F32 : Epilogue;
             bi::store_pair<kStore>(out, n, my_row, col, residual.x + sum.x * scale.x, residual.y + sum.y * scale.y);
         }
-        bi::sync_compute_warps();  // the partials are reused by the next group or phase
+        bi::sync_warps<kWarps>();  // the partials are reused by the next group or phase
     }
     if (count == 0) stamp();
 }
@@ -338,7 +338,7 @@ __device__ __forceinline__ void product(const W *staged, const float *scales, ui
 // add releases the block's writes (ordered before it by the block barrier), the poll acquires
 // everyone's.
 __device__ __forceinline__ void grid_barrier(unsigned long long *arrivals) {
-    bi::sync_compute_warps();
+    bi::sync_warps<kWarps>();
     if (threadIdx.x == 0) {
         unsigned long long ticket, seen;
         asm volatile("atom.add.release.gpu.u64 %0, [%1], 1;\n" : "=l"(ticket) : "l"(arrivals) : "memory");
@@ -347,7 +347,7 @@ __device__ __forceinline__ void grid_barrier(unsigned long long *arrivals) {
             asm volatile("ld.acquire.gpu.u64 %0, [%1];\n" : "=l"(seen) : "l"(arrivals) : "memory");
         } while (seen < release);
     }
-    bi::sync_compute_warps();
+    bi::sync_warps<kWarps>();
 }
 
 // Grid barriers per launch: after attention, after o, after gate/up.
@@ -377,7 +377,7 @@ __device__ __forceinline__ void wait_kv_head(const unsigned long long *heads, in
             asm volatile("ld.acquire.gpu.u64 %0, [%1];\n" : "=l"(seen) : "l"(heads + kv_head) : "memory");
         } while (seen < target);
     }
-    bi::sync_compute_warps();
+    bi::sync_warps<kWarps>();
 }
 
 // Qwen3's per-head RMSNorm and rotate-half RoPE of one 128-wide head, by a warp: lane l gets
@@ -464,11 +464,11 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
                 store_bf16x4(w.v_cache + slot, v);
             }
         }
-        bi::sync_compute_warps();
+        bi::sync_warps<kWarps>();
         QueryFragments qa;
         load_query(qa, heads);
         Attention::attend_split<false>(args, row, kv_head, split, st.splits, pos, table, qa, round0, smem);
-        bi::sync_compute_warps();  // shared memory is reused by the next item
+        bi::sync_warps<kWarps>();  // shared memory is reused by the next item
     }
     if (!stamped) stamp();
 }
