@@ -73,6 +73,16 @@ inline cudaError_t multiprocessors(int &sms) {
     return e != cudaSuccess ? e : cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
 }
 
+// Whether the current device is compute capability 9.0 (sm_90a code runs there only).
+inline cudaError_t is_hopper(bool &hopper) {
+    int device = 0, major = 0, minor = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    hopper = major == 9 && minor == 0;
+    return e;
+}
+
 // Launches `kernel` with programmatic stream serialization, in clusters of `cluster` blocks
 // (1 x 1 x 1: none), and returns the launch error.
 template <typename... Params, typename... Args>

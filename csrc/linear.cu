@@ -19,12 +19,14 @@
 #include <algorithm>
 
 #include "matvec.cuh"
+#include "wgmma.cuh"
 
 namespace {
 
 using bi::kChunk;
 using bi::mma_bf16;
 using bi::store_pair;
+namespace wgmma = bi::wgmma;
 
 // ---------------------------------------------------------------------------------------------
 // Skinny: grid n / (8*TN) blocks of WARPS warps; warp w covers k columns [w*k/WARPS, (w+1)*k/WARPS).
@@ -130,24 +132,27 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
 
 // ---------------------------------------------------------------------------------------------
 // Tiled: BM x 128 output tiles (BM 64 or 128) through a cp.async pipeline as deep as two
-// blocks per SM allow; 8 warps of (BM/2) x 32. bf16 weight fragments come from
-// ldmatrix; INT8 ones are read two bytes at a time and converted. Decode products stream their
-// weights, and the bytes each SM has in flight set their bandwidth: hence the deep pipelines
-// and k steps of 64. When the tiles are too few to fill the SMs (decode batches against the
-// 1,024-wide products), the k axis is split over gridDim.z blocks that form one thread-block
-// cluster per tile: each leaves its partial sums in its shared memory, and after the cluster
-// barrier each adds up a share of the tile over the cluster in split order (the result does not
-// depend on timing) and applies the epilogue.
+// blocks per SM allow. On Hopper, bf16 weights run on wgmma (two warpgroups, tiles in the
+// 128-byte swizzle); INT8 weights, and bf16 on other GPUs, on mma.sync (8 warps of (BM/2) x 32;
+// bf16 weight fragments from ldmatrix, INT8 ones read two bytes at a time and converted).
+// Decode products stream their weights, and the bytes each SM has in flight set their
+// bandwidth: hence the deep pipelines and k steps of 64. When the tiles are too few to fill the
+// SMs (decode batches against the 1,024-wide products), the k axis is split over gridDim.z
+// blocks that form one thread-block cluster per tile: each leaves its partial sums in its shared
+// memory, and after the cluster barrier each adds up a share of the tile over the cluster in
+// split order (the result does not depend on timing) and applies the epilogue.
 
 constexpr int kTiledThreads = 256;
 constexpr int kTileN = 128;  // columns per tile
+constexpr int kTiledK = 64;  // k per pipeline stage
 constexpr int kTiledSmem = 110 * 1024;  // per block: two blocks fit an SM
 constexpr int kMaxSplits = 8;
 constexpr int kMinSplitKTiles = 4;  // k steps per split: shorter ones leave the pipeline empty
 
+// mma.sync tiles.
 template <typename W, int BM>
 struct Tile {
-    static constexpr int kK = 64;  // k per stage
+    static constexpr int kK = kTiledK;
     static constexpr int kMT = BM / 32, kNT = kTileN / 32;  // m16 and n8 fragments per warp
     static constexpr int kFragments = kMT * kNT;  // x 4 accumulators x 256 threads = BM * kTileN
     static_assert(BM * kTileN * 4 <= kTiledSmem, "split k leaves a tile of f32 partials in shared memory");
@@ -155,8 +160,8 @@ struct Tile {
     // weight rows of kK + 16 bytes (so do the 8 rows of a fragment read).
     static constexpr int kAPitch = kK + 8;  // bf16
     static constexpr int kWPitch = sizeof(W) == 1 ? kK + 16 : kAPitch * 2;  // bytes
-    static constexpr int kAChunks = kK * 2 / 16, kWChunks = kK * sizeof(W) / 16;  // 16-byte chunks per row
-    static constexpr int kStageBytes = BM * kAPitch * 2 + kTileN * kWPitch;
+    static constexpr int kABytes = BM * kAPitch * 2;
+    static constexpr int kStageBytes = kABytes + kTileN * kWPitch;
     // As many stages as fit: a product of few rows streams its weights, and the bytes each SM
     // has in flight are what set its bandwidth (4 stages of 64x64 reached 15% of DRAM
     // bandwidth: ncu, H200).
@@ -165,6 +170,21 @@ struct Tile {
     static_assert(kStages >= 3, "the pipeline needs three stages");
     static_assert(kNT % 2 == 0, "bf16 B fragments come two n8 tiles per ldmatrix.x4");
     static_assert(kAPitch * 2 % 16 == 0 && kWPitch % 16 == 0, "smem rows stay 16-byte aligned for cp.async");
+};
+
+// wgmma tiles: warpgroup g multiplies rows 64g.. by all 128 columns (BM = 128), or all 64 rows
+// by columns 64g.. (BM = 64). Stage rows are one swizzled row each (kTiledK bf16).
+template <int BM>
+struct WgmmaTile {
+    static constexpr int kN = BM == 128 ? kTileN : kTileN / 2;  // columns per warpgroup
+    static constexpr int kFragments = kN / 8;
+    static constexpr int kABytes = BM * wgmma::kRowBytes;
+    static constexpr int kStageBytes = kABytes + kTileN * wgmma::kRowBytes;
+    static constexpr int kStages = (kTiledSmem - wgmma::kAlign) / kStageBytes;
+    static constexpr size_t kSmem = kStages * kStageBytes + wgmma::kAlign;  // + room to align the base
+    static_assert(kTiledK * 2 == wgmma::kRowBytes, "a stage row is one swizzled row");
+    static_assert(kFragments * 4 * kTiledThreads * 4 <= kStages * kStageBytes, "split k's partials fit the stages");
+    static_assert(kStages >= 3, "the pipeline needs three stages");
 };
 
 __device__ __forceinline__ void cp_async16(void *smem, const void *global, bool valid) {
@@ -186,6 +206,72 @@ struct TiledArgs {
     bi_matrix w;       // [n, k]
     int m, n, k;
 };
+
+// This thread's 16-byte copies of a stage's Rows x kTiledK slice of a [rows, k] matrix, rows
+// from row0: the source at k = 0, the smem offset (offset(row, chunk)), and whether the row
+// exists (rows past the matrix are zero-filled). Computed once: recomputing the addresses per
+// stage cost more issue slots than the stage's mma.
+template <typename T, int Rows>
+struct TileCopy {
+    static constexpr int kChunks = kTiledK * sizeof(T) / 16;  // per row
+    static constexpr int kIters = Rows * kChunks / kTiledThreads;
+    static_assert(Rows * kChunks % kTiledThreads == 0, "whole chunks per thread");
+    const T *src[kIters];
+    int dst[kIters];
+    bool valid[kIters];
+
+    template <typename Offset>
+    __device__ __forceinline__ TileCopy(const T *matrix, int row0, int rows, int k, Offset offset) {
+#pragma unroll
+        for (int i = 0; i < kIters; ++i) {
+            const int chunk = threadIdx.x + i * kTiledThreads, row = chunk / kChunks, c = chunk % kChunks;
+            src[i] = matrix + static_cast<size_t>(min(row0 + row, rows - 1)) * k + c * 16 / sizeof(T);
+            dst[i] = offset(row, c);
+            valid[i] = row0 + row < rows;
+        }
+    }
+    // Copies k step kt into `stage`.
+    __device__ __forceinline__ void issue(unsigned char *stage, int kt) const {
+#pragma unroll
+        for (int i = 0; i < kIters; ++i) cp_async16(stage + dst[i], src[i] + kt * kTiledK, valid[i]);
+    }
+};
+
+// The k loop of both tiled kernels over k steps [kt_begin, kt_end): a ring of kStages stages at
+// `smem` (weights at `w_offset` in each), compute(stage) consuming one landed stage. The first
+// stages' weights load before the wait for the previous kernel (they never depend on it); each
+// stage's group then closes with its activations (the first group holds every early weight
+// load, so waiting for it waits for all of them). A stage is refilled one iteration after its
+// compute, behind the barrier every thread passes when done with it. AsyncReads: the stages are
+// read by the async proxy (wgmma), which sees the copies only after a proxy fence.
+template <int kStages, int kStageBytes, bool AsyncReads, typename ACopy, typename WCopy, typename Compute>
+__device__ __forceinline__ void tiled_pipeline(unsigned char *smem, int w_offset, const ACopy &a_copy, const WCopy &w_copy,
+                                               int kt_begin, int kt_end, Compute compute) {
+    auto stage = [&](int s) { return smem + s * kStageBytes; };
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s)
+        if (kt_begin + s < kt_end) w_copy.issue(stage(s) + w_offset, kt_begin + s);
+    bi::wait_for_previous_kernel();
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (kt_begin + s < kt_end) a_copy.issue(stage(s), kt_begin + s);
+        asm volatile("cp.async.commit_group;\n");
+    }
+    for (int kt = kt_begin; kt < kt_end; ++kt) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2));
+        if constexpr (AsyncReads) wgmma::fence_shared_writes();
+        __syncthreads();
+        const int next = kt + kStages - 1;
+        if (next < kt_end) {
+            unsigned char *refill = stage((next - kt_begin) % kStages);
+            w_copy.issue(refill + w_offset, next);
+            a_copy.issue(refill, next);
+        }
+        asm volatile("cp.async.commit_group;\n");
+        compute(stage((kt - kt_begin) % kStages));
+    }
+    asm volatile("cp.async.wait_group 0;\n");
+}
 
 // Split k: the fragments [first, last) of the tile this block stores, after adding them up over
 // the tile's cluster (acc then holds the sums there). smem: the pipeline's, no longer in use.
@@ -222,81 +308,52 @@ __device__ __forceinline__ int2 reduce_splits(float (&acc)[kFragments][4], float
     return share;
 }
 
+// After the k loop: adds the splits up (if any) and applies the epilogue to this thread's
+// fragments; fragment f's four values are (row, col), (row, col + 1), (row + 8, col), (row + 8,
+// col + 1) with {row, col} = origin(f).
+template <int Epilogue, typename W, int kFragments, typename Origin>
+__device__ __forceinline__ void finish_tile(const TiledArgs &args, float (&acc)[kFragments][4], unsigned char *smem,
+                                            Origin origin) {
+    int2 share = {0, kFragments};
+    if (gridDim.z > 1) {
+        __syncthreads();  // the last stage's reads are done before the partials overwrite it
+        share = reduce_splits(acc, reinterpret_cast<float *>(smem));
+    }
+#pragma unroll
+    for (int f = 0; f < kFragments; ++f) {
+        if (f < share.x || f >= share.y) continue;
+        const int2 at = origin(f);
+        if (at.y >= args.n) continue;
+        const float2 s = bi::column_scales<W>(args.w.scales, at.y);
+        if (at.x < args.m) store_pair<Epilogue>(args.out, args.n, at.x, at.y, acc[f][0] * s.x, acc[f][1] * s.y);
+        if (at.x + 8 < args.m) store_pair<Epilogue>(args.out, args.n, at.x + 8, at.y, acc[f][2] * s.x, acc[f][3] * s.y);
+    }
+}
+
+// The k steps of split blockIdx.z.
+__device__ __forceinline__ int2 split_k_steps(int k) {
+    const int k_tiles = k / kTiledK, splits = static_cast<int>(gridDim.z), z = static_cast<int>(blockIdx.z);
+    return {z * k_tiles / splits, (z + 1) * k_tiles / splits};
+}
+
 // grid (n / kTileN, m / BM rounded up, splits).
 template <int Epilogue, typename W, int BM>
 __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(TiledArgs args) {
     using T = Tile<W, BM>;
     extern __shared__ __align__(16) unsigned char smem[];
-    const W *__restrict__ w = static_cast<const W *>(args.w.values);
-    const bi_bf16 *__restrict__ a = args.a;
-    const int m = args.m, n = args.n, k = args.k;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const int wm = warp / 4, wn = warp % 4;  // warp tile: rows wm*BM/2.., cols wn*kTileN/4..
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * kTileN;
-    constexpr int kStages = T::kStages;
-    const int k_tiles = k / T::kK, splits = gridDim.z;
-    const int kt_begin = blockIdx.z * k_tiles / splits, kt_end = (blockIdx.z + 1) * k_tiles / splits;
     bi::allow_next_kernel();
 
-    auto stage_a = [&](int stage) { return reinterpret_cast<bi_bf16 *>(smem + stage * T::kStageBytes); };
-    auto stage_w = [&](int stage) { return smem + stage * T::kStageBytes + BM * T::kAPitch * 2; };
-    // This thread's 16-byte chunks of every stage: the source at k = 0, the smem offset, and
-    // whether the row exists (rows past m or n are zero-filled). Computed once: recomputing the
-    // addresses per stage cost more issue slots than the stage's mma.
-    constexpr int kAIters = BM * T::kAChunks / kTiledThreads, kWIters = kTileN * T::kWChunks / kTiledThreads;
-    static_assert(BM * T::kAChunks % kTiledThreads == 0 && kTileN * T::kWChunks % kTiledThreads == 0, "whole chunks per thread");
-    const bi_bf16 *a_src[kAIters];
-    const W *w_src[kWIters];
-    int a_dst[kAIters], w_dst[kWIters];
-    bool a_valid[kAIters], w_valid[kWIters];
-#pragma unroll
-    for (int i = 0; i < kAIters; ++i) {
-        const int chunk = threadIdx.x + i * kTiledThreads, row = chunk / T::kAChunks, c = chunk % T::kAChunks * 8;
-        a_src[i] = a + static_cast<size_t>(min(m0 + row, m - 1)) * k + c;
-        a_dst[i] = (row * T::kAPitch + c) * 2;
-        a_valid[i] = m0 + row < m;
-    }
-#pragma unroll
-    for (int i = 0; i < kWIters; ++i) {
-        const int chunk = threadIdx.x + i * kTiledThreads, row = chunk / T::kWChunks, c = chunk % T::kWChunks;
-        w_src[i] = w + static_cast<size_t>(min(n0 + row, n - 1)) * k + c * 16 / sizeof(W);
-        w_dst[i] = row * T::kWPitch + 16 * c;
-        w_valid[i] = n0 + row < n;
-    }
-    auto load_a = [&](int stage, int kt) {
-        unsigned char *sa = reinterpret_cast<unsigned char *>(stage_a(stage));
-#pragma unroll
-        for (int i = 0; i < kAIters; ++i) cp_async16(sa + a_dst[i], a_src[i] + kt * T::kK, a_valid[i]);
-    };
-    auto load_w = [&](int stage, int kt) {
-        unsigned char *sw = stage_w(stage);
-#pragma unroll
-        for (int i = 0; i < kWIters; ++i) cp_async16(sw + w_dst[i], w_src[i] + kt * T::kK, w_valid[i]);
-    };
-
-    float acc[T::kMT * T::kNT][4] = {};  // fragment mt * kNT + nt
-    // The first stages' weights load before the wait for the previous kernel (they never depend
-    // on it); each stage's group then closes with its activations (the first group holds every
-    // early weight load, so waiting for it waits for all of them).
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s)
-        if (kt_begin + s < kt_end) load_w(s, kt_begin + s);
-    bi::wait_for_previous_kernel();
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-        if (kt_begin + s < kt_end) load_a(s, kt_begin + s);
-        asm volatile("cp.async.commit_group;\n");
-    }
-    for (int kt = kt_begin; kt < kt_end; ++kt) {
-        const int stage = (kt - kt_begin) % kStages;
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2));
-        __syncthreads();
-        const int next = kt + kStages - 1;
-        if (next < kt_end) load_w((next - kt_begin) % kStages, next), load_a((next - kt_begin) % kStages, next);
-        asm volatile("cp.async.commit_group;\n");
-
-        const bi_bf16 *sa = stage_a(stage);
-        const unsigned char *sw = stage_w(stage);
+    const TileCopy<bi_bf16, BM> a_copy(args.a, m0, args.m, args.k, [](int r, int c) { return (r * T::kAPitch + c * 8) * 2; });
+    const TileCopy<W, kTileN> w_copy(static_cast<const W *>(args.w.values), n0, args.n, args.k,
+                                     [](int r, int c) { return r * T::kWPitch + 16 * c; });
+    float acc[T::kFragments][4] = {};  // fragment mt * kNT + nt
+    const int2 steps = split_k_steps(args.k);
+    tiled_pipeline<T::kStages, T::kStageBytes, false>(smem, T::kABytes, a_copy, w_copy, steps.x, steps.y, [&](unsigned char *stage) {
+        const bi_bf16 *sa = reinterpret_cast<const bi_bf16 *>(stage);
+        const unsigned char *sw = stage + T::kABytes;
 #pragma unroll
         for (int ks = 0; ks < T::kK; ks += 16) {
             uint32_t af[T::kMT][4], bf[T::kNT][2];  // bf[nt]: the two B registers of n8 tile nt
@@ -326,25 +383,46 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(TiledArgs args) {
                 for (int nt = 0; nt < T::kNT; ++nt)
                     mma_bf16(acc[mt * T::kNT + nt], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[nt][0], bf[nt][1]);
         }
-    }
-    asm volatile("cp.async.wait_group 0;\n");
-    int2 share = {0, T::kFragments};
-    if (splits > 1) {
-        __syncthreads();  // the last stage's reads are done before the partials overwrite it
-        share = reduce_splits(acc, reinterpret_cast<float *>(smem));
-    }
-
+    });
     const int g = lane / 4, q = lane % 4;
+    finish_tile<Epilogue, W>(args, acc, smem, [&](int f) {
+        return make_int2(m0 + wm * (BM / 2) + f / T::kNT * 16 + g, n0 + wn * (kTileN / 4) + f % T::kNT * 8 + 2 * q);
+    });
+}
+
+// The same tiles on wgmma (bf16 weights, sm_90a): grid and split k as tiled_kernel's.
+template <int Epilogue, int BM>
+__global__ void __launch_bounds__(kTiledThreads) wgmma_kernel(TiledArgs args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using T = WgmmaTile<BM>;
+    extern __shared__ __align__(16) unsigned char smem_unaligned[];
+    const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned)) % wgmma::kAlign;
+    unsigned char *smem = smem_unaligned + (wgmma::kAlign - misalign) % wgmma::kAlign;
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / bi::kWarp % 4, lane = threadIdx.x % bi::kWarp;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * kTileN;
+    bi::allow_next_kernel();
+
+    const TileCopy<bi_bf16, BM> a_copy(args.a, m0, args.m, args.k, wgmma::swizzled);
+    const TileCopy<bi_bf16, kTileN> w_copy(static_cast<const bi_bf16 *>(args.w.values), n0, args.n, args.k, wgmma::swizzled);
+    // This warpgroup's rows of the A tile and of the weight tile (BM = 128: rows 64 wg.. of A;
+    // BM = 64: rows 64 wg.. of the weights, i.e. its 64 output columns).
+    const int a_rows = BM == 128 ? 64 * wg : 0, w_rows = BM == 128 ? 0 : 64 * wg;
+    float acc[T::kFragments][4] = {};
+    const int2 steps = split_k_steps(args.k);
+    tiled_pipeline<T::kStages, T::kStageBytes, true>(smem, T::kABytes, a_copy, w_copy, steps.x, steps.y, [&](unsigned char *stage) {
+        const unsigned char *sa = stage + a_rows * wgmma::kRowBytes;
+        const unsigned char *sw = stage + T::kABytes + w_rows * wgmma::kRowBytes;
+        wgmma::fence();
 #pragma unroll
-    for (int f = 0; f < T::kFragments; ++f) {
-        if (f < share.x || f >= share.y) continue;
-        const int mt = f / T::kNT, nt = f % T::kNT;
-        const int row = m0 + wm * (BM / 2) + mt * 16 + g, col = n0 + wn * (kTileN / 4) + nt * 8 + 2 * q;
-        if (col >= n) continue;
-        const float2 s = bi::column_scales<W>(args.w.scales, col);
-        if (row < m) store_pair<Epilogue>(args.out, n, row, col, acc[f][0] * s.x, acc[f][1] * s.y);
-        if (row + 8 < m) store_pair<Epilogue>(args.out, n, row + 8, col, acc[f][2] * s.x, acc[f][3] * s.y);
-    }
+        for (int ks = 0; ks < kTiledK; ks += 16) wgmma::mma_async<T::kN>(acc, wgmma::descriptor(sa, ks), wgmma::descriptor(sw, ks));
+        wgmma::commit();
+        wgmma::wait_all();
+    });
+    const int g = lane / 4, q = lane % 4;
+    finish_tile<Epilogue, bi_bf16>(args, acc, smem, [&](int f) {
+        return make_int2(m0 + a_rows + 16 * warp + g, n0 + w_rows + 8 * f + 2 * q);
+    });
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,26 +452,36 @@ cudaError_t launch_skinny(const SkinnyArgs &args, cudaStream_t stream) {
     return launch_skinny_shape<MT, 1, 16, 8, Epilogue, Norm>(args, stream);
 }
 
-// Splits of k for `tiles` output tiles: one wave of `resident` blocks per SM, at most a
-// portable cluster (8) per tile and at least kMinSplitKTiles k steps per split.
-int split_count(int tiles, int k_tiles, int sms, int resident) {
-    const int slots = sms * resident;
-    return tiles >= slots ? 1 : std::max(1, std::min({slots / tiles, kMaxSplits, k_tiles / kMinSplitKTiles}));
+// Splits of k for `tiles` output tiles: one block per SM, at most a portable cluster (8) per
+// tile and at least kMinSplitKTiles k steps per split. One block per SM, though two fit: a
+// decode step of 32+ rows runs its layers as concurrent chains (src/gpu/forward.rs), and a
+// product that leaves each SM's second slot to the other chain's attention gained more (batch
+// 128 / 256 at context 512: 34,445 -> 36,672 / 42,763 -> 44,452 tok/s, H200) than it lost
+// alone (batch 64, one chain: 26,794 -> 26,458).
+int split_count(int tiles, int k_tiles, int sms) {
+    return tiles >= sms ? 1 : std::max(1, std::min({sms / tiles, kMaxSplits, k_tiles / kMinSplitKTiles}));
 }
 
-template <int Epilogue, typename W, int BM>
-cudaError_t launch_tiled_shape(const TiledArgs &args, cudaStream_t stream) {
-    using T = Tile<W, BM>;
-    const auto kernel = tiled_kernel<Epilogue, W, BM>;
-    int sms = 0, resident = 0;
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(T::kSmem));
+// Launches `kernel` (BM-row tiles, `smem` bytes per block) over the tiles of args, k split to fill the SMs.
+template <int BM>
+cudaError_t launch_tiles(void (*kernel)(TiledArgs), size_t smem, const TiledArgs &args, cudaStream_t stream) {
+    int sms = 0;
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e == cudaSuccess) e = bi::multiprocessors(sms);
-    if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kTiledThreads, T::kSmem);
     if (e != cudaSuccess) return e;
     const int tiles_n = (args.n + kTileN - 1) / kTileN, tiles_m = (args.m + BM - 1) / BM;
-    const int splits = split_count(tiles_n * tiles_m, args.k / T::kK, sms, resident);
-    return bi::launch_clustered(kernel, dim3(tiles_n, tiles_m, splits), dim3(kTiledThreads), T::kSmem, stream,
+    const int splits = split_count(tiles_n * tiles_m, args.k / kTiledK, sms);
+    return bi::launch_clustered(kernel, dim3(tiles_n, tiles_m, splits), dim3(kTiledThreads), smem, stream,
                                 dim3(1, 1, splits), args);
+}
+
+// bf16 weights on a Hopper GPU (what sm_90a code runs on): wgmma; otherwise mma.sync.
+template <int Epilogue, typename W, int BM>
+cudaError_t launch_tiled_shape(const TiledArgs &args, cudaStream_t stream) {
+    bool hopper = false;
+    if (const cudaError_t e = bi::is_hopper(hopper); e != cudaSuccess) return e;
+    if (sizeof(W) == 2 && hopper) return launch_tiles<BM>(wgmma_kernel<Epilogue, BM>, WgmmaTile<BM>::kSmem, args, stream);
+    return launch_tiles<BM>(tiled_kernel<Epilogue, W, BM>, Tile<W, BM>::kSmem, args, stream);
 }
 
 // Tiles of 64 rows up to m = 64, else 128; always 128 columns, the SMs filled by splitting k
@@ -401,7 +489,7 @@ cudaError_t launch_tiled_shape(const TiledArgs &args, cudaStream_t stream) {
 // sweep at batch 128 / 256 went from 27,790 / 32,708 to 29,878 / 36,428 tok/s with 128, H200).
 template <int Epilogue>
 cudaError_t launch_tiled(const TiledArgs &args, cudaStream_t stream) {
-    if (args.k % 64 != 0) return cudaErrorInvalidValue;
+    if (args.k % kTiledK != 0) return cudaErrorInvalidValue;
     return bi::with_weight_type(args.w, [&](auto type) {
         using W = decltype(type);
         return args.m <= 64 ? launch_tiled_shape<Epilogue, W, 64>(args, stream)

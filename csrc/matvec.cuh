@@ -21,7 +21,9 @@ __device__ __forceinline__ void store_pair(void *out, int n, int row, int col, f
         *p = make_float2(x.x + v0, x.y + v1);
     } else {
         static_assert(Epilogue == BI_EPILOGUE_SWIGLU, "unknown epilogue");
-        const float silu = v0 / (1.0f + __expf(-v0));
+        // __fdividef: IEEE division has a slow path that is a call, and a call in a kernel
+        // serializes its wgmma (relocatable device code, as build.rs compiles).
+        const float silu = __fdividef(v0, 1.0f + __expf(-v0));
         static_cast<bi_bf16 *>(out)[static_cast<size_t>(row) * (n / 2) + col / 2] = bi::f32_to_bf16(silu * v1);
     }
 }
