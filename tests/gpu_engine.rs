@@ -212,8 +212,8 @@ fn batched_decode_matches_the_cpu_reference(name: &str, quant: Quant) {
     );
     engine.capture().unwrap();
     // Sequences of different lengths in slots 0, 3 and 17: while slot 17 lives a step is a
-    // batch of 20 (separate kernels, 17 padding rows); once it finishes, a batch of 4 (the
-    // fused layer kernel) and the others go on.
+    // batch of 20 (separate kernels in two concurrent chains of 10 rows, 17 padding rows); once
+    // it finishes, a batch of 4 (the fused layer kernel) and the others go on.
     struct Sequence {
         slot: usize,
         cache: braidinfer::reference::CpuCache,

@@ -1,4 +1,5 @@
-//! The GPU: a CUDA context and the one stream every kernel and copy of braidinfer runs on.
+//! The GPU: a CUDA context and the stream every kernel and copy of braidinfer runs on (a decode
+//! step of many rows also runs chains of layers on sibling streams, joined back within the step).
 
 use std::sync::Arc;
 
@@ -24,12 +25,22 @@ impl Gpu {
             bail!("no CUDA GPU found");
         }
         let ctx = CudaContext::new(0).map_err(|e| anyhow!("opening CUDA device 0: {e}"))?;
-        // One stream and explicit ordering: cudarc's per-buffer events are not needed, and
-        // they must not be recorded into captured graphs.
-        // SAFETY: every buffer of braidinfer is used on `stream` only.
+        // Explicit ordering: cudarc's per-buffer events are not needed, and they must not be
+        // recorded into captured graphs.
+        // SAFETY: every buffer of braidinfer is used on `stream`, or on a sibling stream between
+        // an event it waits for on `stream` and an event `stream` then waits for.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
         Ok(Self { ctx, stream })
+    }
+
+    /// The same GPU with a stream of its own, for work that may run beside this one's.
+    pub fn sibling(&self) -> Result<Self> {
+        let stream = self.ctx.new_stream().context("creating a CUDA stream")?;
+        Ok(Self {
+            ctx: self.ctx.clone(),
+            stream,
+        })
     }
 
     pub fn name(&self) -> String {

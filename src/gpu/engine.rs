@@ -66,6 +66,9 @@ fn decode_splits(batch: usize, batch_invariant: bool) -> usize {
 
 const INVARIANT_SPLITS: usize = 4;
 
+/// The most independent chains of layer kernels a decode step runs in (see `Forward::chains`).
+const MAX_CHAINS: usize = 4;
+
 /// Rows per LM-head launch of a decode step: all of them, or for a batch-invariant engine the
 /// most whose product keeps the per-row arithmetic of one row (the skinny kernel's limit).
 fn lm_head_rows(rows: usize, batch_invariant: bool) -> usize {
@@ -148,8 +151,12 @@ impl Engine {
             "batch-invariant decode needs the fused layer kernel, which needs a GPU with at least {} SMs",
             kernels::FUSED_DECODE_MIN_SMS
         );
+        let sides = (1..MAX_CHAINS)
+            .map(|_| gpu.sibling())
+            .collect::<Result<_>>()?;
         let forward = Forward {
             gpu,
+            sides,
             config: config.clone(),
             weights,
             block_tables,
