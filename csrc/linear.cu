@@ -1,6 +1,7 @@
-// Linear layers on tensor cores: out = a[m, k] . w[n, k]^T with f32 accumulation
-// (mma.sync m16n8k16 bf16, or wgmma on Hopper for the tiled bf16 products), and a fused epilogue (store, residual add, or SwiGLU). Weights are
-// bf16, or INT8 converted to bf16 fragments in registers with the row scale applied to the sum.
+// Linear layers on tensor cores: out = a[m, k] . w[n, k]^T with f32 accumulation (mma.sync
+// m16n8k16 bf16, or wgmma on Hopper for the tiled bf16 products), and a fused epilogue (store,
+// residual add, or SwiGLU). Weights are bf16, or INT8 converted to bf16 fragments in registers
+// with the row scale applied to the sum.
 //
 // Two tilings of the same product, picked by m:
 // - skinny (m <= 16, and the layer products up to m = 32): weights stream straight from
@@ -11,9 +12,9 @@
 //   product.
 // - tiled (m > 32, the LM head above m = 16, prefill): 64/128-row x 128-column block tiles
 //   through a deep cp.async pipeline (wgmma, or ldmatrix + mma.sync), k split across blocks
-//   when the tiles alone leave SMs idle. (At m = 64 the skinny kernel re-read the activations in every block: 89 us
-//   per layer on an H200, ncu, against 43 us tiled; at m = 32 skinny with its fused RMSNorm
-//   is the faster step: 15,588 against 14,581 tok/s at batch 32, context 512.)
+//   when the tiles alone leave SMs idle. (At m = 64 the skinny kernel re-read the activations
+//   in every block: 89 us per layer on an H200, ncu, against 43 us tiled; at m = 32 skinny with
+//   its fused RMSNorm is the faster step: 15,588 against 14,581 tok/s at batch 32, context 512.)
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -152,14 +153,13 @@ constexpr int kMinSplitKTiles = 4;  // k steps per split: shorter ones leave the
 // mma.sync tiles.
 template <typename W, int BM>
 struct Tile {
-    static constexpr int kK = kTiledK;
     static constexpr int kMT = BM / 32, kNT = kTileN / 32;  // m16 and n8 fragments per warp
     static constexpr int kFragments = kMT * kNT;  // x 4 accumulators x 256 threads = BM * kTileN
     static_assert(BM * kTileN * 4 <= kTiledSmem, "split k leaves a tile of f32 partials in shared memory");
-    // Padded smem rows: bf16 rows of kK + 8 (ldmatrix's 8 rows fall in distinct banks); INT8
-    // weight rows of kK + 16 bytes (so do the 8 rows of a fragment read).
-    static constexpr int kAPitch = kK + 8;  // bf16
-    static constexpr int kWPitch = sizeof(W) == 1 ? kK + 16 : kAPitch * 2;  // bytes
+    // Padded smem rows: bf16 rows of kTiledK + 8 (ldmatrix's 8 rows fall in distinct banks);
+    // INT8 weight rows of kTiledK + 16 bytes (so do the 8 rows of a fragment read).
+    static constexpr int kAPitch = kTiledK + 8;  // bf16
+    static constexpr int kWPitch = sizeof(W) == 1 ? kTiledK + 16 : kAPitch * 2;  // bytes
     static constexpr int kABytes = BM * kAPitch * 2;
     static constexpr int kStageBytes = kABytes + kTileN * kWPitch;
     // As many stages as fit: a product of few rows streams its weights, and the bytes each SM
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(TiledArgs args) {
         const bi_bf16 *sa = reinterpret_cast<const bi_bf16 *>(stage);
         const unsigned char *sw = stage + T::kABytes;
 #pragma unroll
-        for (int ks = 0; ks < T::kK; ks += 16) {
+        for (int ks = 0; ks < kTiledK; ks += 16) {
             uint32_t af[T::kMT][4], bf[T::kNT][2];  // bf[nt]: the two B registers of n8 tile nt
 #pragma unroll
             for (int mt = 0; mt < T::kMT; ++mt)

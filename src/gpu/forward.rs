@@ -111,9 +111,8 @@ impl Forward {
             "{m} rows of {splits} attention ranges overflow the partials"
         );
         self.embed(bufs, m)?;
-        let chains = self.chains(m);
-        if chains > 1 || !self.fused_decode || (m > DECODE_LAYER_MAX_ROWS && !self.batch_invariant) {
-            return self.chained_layers(bufs, cache, m, splits, chains);
+        if !self.fused_decode || (m > DECODE_LAYER_MAX_ROWS && !self.batch_invariant) {
+            return self.chained_layers(bufs, cache, m, splits, self.chains(m));
         }
         let (gpu, c, w) = (&self.gpu, &self.config, &self.weights);
         let tables = self.block_tables.slice(..);
@@ -184,12 +183,14 @@ impl Forward {
     /// `sides` + 1). Chains of 17-63 rows measured worse: at 64 rows two chains of 32 (the skinny
     /// products at 32 rows) reached 20,349 tok/s against one chain's 26,458; at 32 rows two
     /// chains of 16 reached 18,357 against 16,896; at 256, four chains 44,452 against two's
-    /// 41,983 (context 512, H200). Batch-invariant decode keeps its one chain of fused launches.
+    /// 41,983 (context 512, H200).
     fn chains(&self, m: usize) -> usize {
-        let chains = match m {
-            _ if self.batch_invariant || m <= DECODE_LAYER_MAX_ROWS => 1,
-            _ if m <= 2 * DECODE_LAYER_MAX_ROWS => 2,
-            _ => m / 64,
+        let chains = if m <= DECODE_LAYER_MAX_ROWS {
+            1
+        } else if m <= 2 * DECODE_LAYER_MAX_ROWS {
+            2
+        } else {
+            m / 64
         };
         chains.clamp(1, self.sides.len() + 1)
     }
