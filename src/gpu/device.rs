@@ -30,17 +30,17 @@ impl Gpu {
         // SAFETY: every buffer of braidinfer is used on `stream`, or on a sibling stream between
         // an event it waits for on `stream` and an event `stream` then waits for.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.new_stream().context("creating a CUDA stream")?;
-        Ok(Self { ctx, stream })
+        Self::with_new_stream(ctx)
     }
 
     /// The same GPU with a stream of its own, for work that may run beside this one's.
     pub fn sibling(&self) -> Result<Self> {
-        let stream = self.ctx.new_stream().context("creating a CUDA stream")?;
-        Ok(Self {
-            ctx: self.ctx.clone(),
-            stream,
-        })
+        Self::with_new_stream(self.ctx.clone())
+    }
+
+    fn with_new_stream(ctx: Arc<CudaContext>) -> Result<Self> {
+        let stream = ctx.new_stream().context("creating a CUDA stream")?;
+        Ok(Self { ctx, stream })
     }
 
     pub fn name(&self) -> String {
