@@ -4,10 +4,11 @@
 //! before each replay so the context stays fixed), tok/s, bytes moved per step (weights + KV
 //! read + KV written), achieved bandwidth and its fraction of the device-to-device copy
 //! bandwidth measured in the same run. Then what each phase of the fused layer kernel costs
-//! (the step timed with that phase left out; the difference) and the prefill rate of a
-//! 2,000-token prompt.
+//! (the step timed with that phase left out; the difference), at batch 1 or with
+//! `--breakdown-batch` sequences (up to 16), and the prefill rate of a 2,000-token prompt.
 //!
 //!     cargo bench --bench decode -- [--contexts 128,1024,4096] [--runs 200] [--json PATH]
+//!         [--breakdown-context 1024] [--breakdown-batch 1] [--trace PATH]
 
 use anyhow::Result;
 use clap::Parser;
@@ -34,6 +35,10 @@ struct Args {
     /// Context of the per-phase breakdown (0: none).
     #[arg(long, default_value_t = 1024)]
     breakdown_context: usize,
+    /// Sequences decoded together in the breakdown and the timeline (up to 16: the fused layer
+    /// kernel's rows), each at the breakdown context.
+    #[arg(long, default_value_t = 1)]
+    breakdown_batch: usize,
     /// Also time the step with these weight bytes in flight per block (KiB; tuning).
     #[arg(long, value_delimiter = ',')]
     copy_windows: Vec<u32>,
@@ -59,6 +64,11 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
+    anyhow::ensure!(
+        (1..=kernels::DECODE_LAYER_MAX_ROWS).contains(&args.breakdown_batch),
+        "--breakdown-batch takes 1..={} (the fused layer kernel's rows)",
+        kernels::DECODE_LAYER_MAX_ROWS
+    );
     let gpu = match Gpu::open() {
         Ok(gpu) => gpu,
         Err(e) => {
@@ -79,7 +89,8 @@ fn run(args: Args) -> Result<()> {
         .max(args.prefill_tokens)
         + 16;
     let options = EngineOptions {
-        kv_cache_bytes: Some(longest * bytes_per_position(config.layers)),
+        max_batch: args.breakdown_batch,
+        kv_cache_bytes: Some(args.breakdown_batch * longest * bytes_per_position(config.layers)),
         quant: args.quant,
         ..Default::default()
     };
@@ -110,8 +121,18 @@ fn run(args: Args) -> Result<()> {
     let mut breakdown = Vec::new();
     if args.breakdown_context > 0 {
         let context = args.breakdown_context;
-        engine.start_sequence(0, &prompt(context), 8, &SamplingParams::greedy(), 0, false)?;
-        let position = [context as i32];
+        for slot in 0..args.breakdown_batch {
+            let id = slot as u32;
+            engine.start_sequence(
+                slot,
+                &prompt(context),
+                8,
+                &SamplingParams::greedy(),
+                id,
+                false,
+            )?;
+        }
+        let position = vec![context as i32; args.breakdown_batch];
         for (name, mask) in [
             ("full step", 0),
             ("qkv product", kernels::SKIP_QKV),
@@ -175,8 +196,8 @@ fn run(args: Args) -> Result<()> {
     }
     if let Some(&(_, full)) = breakdown.first() {
         println!(
-            "phase breakdown at context {} (step without the phase; cost = difference):",
-            args.breakdown_context
+            "phase breakdown at context {}, batch {} (step without the phase; cost = difference):",
+            args.breakdown_context, args.breakdown_batch
         );
         for (name, ms) in &breakdown[1..] {
             println!(
@@ -197,7 +218,7 @@ fn run(args: Args) -> Result<()> {
         let report = serde_json::json!({
             "device": device, "quant": args.quant, "copy_bandwidth_gb_s": copy / 1e9, "graph_kernel_nodes": nodes,
             "weight_bytes_per_step": weight_bytes, "decode": rows,
-            "phase_breakdown": {"context": args.breakdown_context, "step_ms_without": breakdown.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>()},
+            "phase_breakdown": {"context": args.breakdown_context, "batch": args.breakdown_batch, "step_ms_without": breakdown.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>()},
             "prefill": {"tokens": args.prefill_tokens, "seconds": prefill_s, "tokens_per_s": args.prefill_tokens as f64 / prefill_s},
         });
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;

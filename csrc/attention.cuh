@@ -91,6 +91,63 @@ __device__ __forceinline__ void load_query(QueryFragments &qa, const bi_bf16 *he
         qa[c] = g < kGroup ? *reinterpret_cast<const uint4 *>(heads + g * BI_HEAD_DIM + 32 * c + 8 * q) : make_uint4(0, 0, 0, 0);
 }
 
+// Qwen3's per-head RMSNorm and rotate-half RoPE of one 128-wide head, by a warp: lane l gets
+// dims 4l..4l+3 (their rotation partners 64 dims away sit in lane l ^ 16).
+__device__ __forceinline__ void norm_rope(float (&out)[kDims], const float *head, const bi_bf16 *norm, int pos,
+                                          const float *inv_freq, float eps) {
+    const int lane = threadIdx.x % bi::kWarp;
+    const float4 x4 = *reinterpret_cast<const float4 *>(head + kDims * lane);
+    const float x[kDims] = {x4.x, x4.y, x4.z, x4.w};
+    const float inv_rms = rsqrtf(bi::warp_sum(x[0] * x[0] + x[1] * x[1] + x[2] * x[2] + x[3] * x[3]) / BI_HEAD_DIM + eps);
+#pragma unroll
+    for (int i = 0; i < kDims; ++i) {
+        const int d = kDims * lane + i;
+        const float y = x[i] * inv_rms * bi::bf16_to_f32(norm[d]);
+        const float partner = __shfl_xor_sync(0xffffffffu, y, 16);
+        float s, c;
+        sincosf(static_cast<float>(pos) * inv_freq[d % (BI_HEAD_DIM / 2)], &s, &c);
+        out[i] = lane < 16 ? y * c - partner * s : y * c + partner * s;
+    }
+}
+
+__device__ __forceinline__ void store_bf16x4(bi_bf16 *dst, const float (&v)[kDims]) {
+    *reinterpret_cast<uint2 *>(dst) = make_uint2(bi::pack_bf16x2(v[0], v[1]), bi::pack_bf16x2(v[2], v[3]));
+}
+
+// What a decode item needs to prepare its query and the new cache row from the qkv product.
+struct Prep {
+    const float *qkv;                // [rows, 4096] f32: q 2048 | k 1024 | v 1024
+    const bi_bf16 *q_norm, *k_norm;  // [128]
+    const float *inv_freq;           // [64]
+    float eps;
+    bi_bf16 *k_cache, *v_cache;      // the layer's cache (Args' own), where the new row goes
+};
+
+// The (row, kv head) work of bi_qk_norm_rope_cache for one decode item, by warps 0 and 1: the
+// two query heads normalized and rotated into `heads` (bf16 [kGroup][128], for load_query); with
+// `write_kv` (the range that ends at `pos`), then the new K (normalized, rotated; warp 0) and V
+// (warp 1) into the cache (table: the row's block table). The caller synchronizes the warps
+// before reading either.
+__device__ __forceinline__ void prepare_decode_item(bi_bf16 *heads, const Prep &prep, int row, int kv_head, int pos,
+                                                    const int32_t *table, bool write_kv) {
+    static_assert(kGroup == 2, "warps 0 and 1 also write K and V");
+    const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
+    if (warp >= kGroup) return;
+    const float *qkv = prep.qkv + static_cast<size_t>(row) * (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
+    float v[kDims];
+    norm_rope(v, qkv + (kv_head * kGroup + warp) * BI_HEAD_DIM, prep.q_norm, pos, prep.inv_freq, prep.eps);
+    store_bf16x4(heads + warp * BI_HEAD_DIM + kDims * lane, v);
+    if (!write_kv) return;
+    const size_t kv_offset = kv_row(table[pos / BI_BLOCK_TOKENS], kv_head, pos);
+    if (warp == 0) {
+        norm_rope(v, qkv + (BI_Q_HEADS + kv_head) * BI_HEAD_DIM, prep.k_norm, pos, prep.inv_freq, prep.eps);
+        store_bf16x4(prep.k_cache + kv_offset + kDims * lane, v);
+    } else {
+        const float4 x = *reinterpret_cast<const float4 *>(qkv + (BI_Q_HEADS + BI_KV_HEADS + kv_head) * BI_HEAD_DIM + kDims * lane);
+        store_bf16x4(prep.v_cache + kv_offset + kDims * lane, {x.x, x.y, x.z, x.w});
+    }
+}
+
 // The attention core for a block's first `Warps` warps (bi::sync_warps): the separate kernel
 // runs it with 8, the fused layer kernel with its 16 compute warps.
 template <int Warps>

@@ -108,6 +108,18 @@ cudaError_t bi_attention(bi_bf16 *out, float *partials, int32_t *counters, const
                          const int32_t *block_tables, int m, int max_blocks, int splits,
                          cudaStream_t stream);
 
+/* Decode attention with bi_qk_norm_rope_cache's work folded in: every row is a different
+ * sequence's next token, so each (row, kv head) prepares its query heads from qkv itself, and
+ * the range that ends at the row's position writes the row's new K and V into the cache (no
+ * other row reads them). Arguments as bi_qk_norm_rope_cache's and bi_attention's; the same
+ * attention output, without q. */
+cudaError_t bi_decode_attention(bi_bf16 *out, float *partials, int32_t *counters, bi_bf16 *k_cache,
+                                bi_bf16 *v_cache, const float *qkv, const bi_bf16 *q_norm,
+                                const bi_bf16 *k_norm, const float *rope_inv_freq,
+                                const int32_t *positions, const int32_t *row_seq,
+                                const int32_t *block_tables, int m, int max_blocks, int splits,
+                                float eps, cudaStream_t stream);
+
 /* One decoder layer's weights for bi_decode_layer (Qwen3-0.6B shapes; the four matrices all
  * bf16 or all INT8). */
 typedef struct {

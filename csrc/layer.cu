@@ -380,29 +380,6 @@ __device__ __forceinline__ void wait_kv_head(const unsigned long long *heads, in
     bi::sync_warps<kWarps>();
 }
 
-// Qwen3's per-head RMSNorm and rotate-half RoPE of one 128-wide head, by a warp: lane l gets
-// dims 4l..4l+3 (their rotation partners 64 dims away sit in lane l ^ 16).
-__device__ __forceinline__ void norm_rope(float (&out)[4], const float *head, const bi_bf16 *norm, int pos,
-                                          const float *inv_freq, float eps) {
-    const int lane = threadIdx.x % bi::kWarp;
-    const float4 x4 = *reinterpret_cast<const float4 *>(head + 4 * lane);
-    const float x[4] = {x4.x, x4.y, x4.z, x4.w};
-    const float inv_rms = rsqrtf(bi::warp_sum(x[0] * x[0] + x[1] * x[1] + x[2] * x[2] + x[3] * x[3]) / BI_HEAD_DIM + eps);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int d = 4 * lane + i;
-        const float y = x[i] * inv_rms * bi::bf16_to_f32(norm[d]);
-        const float partner = __shfl_xor_sync(0xffffffffu, y, 16);
-        float s, c;
-        sincosf(static_cast<float>(pos) * inv_freq[d % (BI_HEAD_DIM / 2)], &s, &c);
-        out[i] = lane < 16 ? y * c - partner * s : y * c + partner * s;
-    }
-}
-
-__device__ __forceinline__ void store_bf16x4(bi_bf16 *dst, const float (&v)[4]) {
-    *reinterpret_cast<uint2 *>(dst) = make_uint2(bi::pack_bf16x2(v[0], v[1]), bi::pack_bf16x2(v[2], v[3]));
-}
-
 // Attention work items (row, kv head, range), item i on block i mod grid.
 struct Item {
     int row, kv_head, split, pos;
@@ -440,28 +417,26 @@ __device__ void attention_phase(const bi_layer_weights &w, const bi_layer_state 
         const Round round0 = Attention::first_round(args, table, kv_head, split, st.splits, pos);
         if (wait_heads) wait_kv_head(st.arrivals + 1, kv_head, launch);
         if (!stamped) stamp(), stamped = true;
+        // Both query heads, normalized and rotated by warps 0 and 1, rounded to bf16 as the
+        // separate kernels store them, staged in shared memory for the other warps' mma
+        // fragments; the range that ends at `pos` writes the new K and V (attend_split reads them
+        // back). prepare_decode_item's work, written out: calling it cost batch 1 0.6% (H200).
         const float *qkv = st.qkv + static_cast<size_t>(row) * (BI_Q_HEADS + 2 * BI_KV_HEADS) * BI_HEAD_DIM;
-        // Both query heads, normalized and rotated by warps 0 and 1 (lane l: dims 4l..4l+3),
-        // rounded to bf16 as the separate kernels store them, staged in shared memory for the
-        // other warps' mma fragments.
         bi_bf16 *heads = reinterpret_cast<bi_bf16 *>(smem + Attention::kMergeFloats);  // [kGroup][128]
         if (warp < kGroup) {
             float qh[kDims];
             norm_rope(qh, qkv + (kv_head * kGroup + warp) * BI_HEAD_DIM, vec.q_norm, pos, vec.inv_freq, st.eps);
             store_bf16x4(heads + warp * BI_HEAD_DIM + kDims * lane, qh);
         }
-        // The range that ends at `pos` writes the new K and V (attend_split reads them back).
         if (split == active - 1) {
-            const size_t slot = ((static_cast<size_t>(table[pos / BI_BLOCK_TOKENS]) * BI_KV_HEADS + kv_head) * BI_BLOCK_TOKENS +
-                                 pos % BI_BLOCK_TOKENS) * BI_HEAD_DIM + 4 * lane;
+            const size_t slot = kv_row(table[pos / BI_BLOCK_TOKENS], kv_head, pos) + kDims * lane;
             if (warp == 0) {
-                float k[4];
+                float k[kDims];
                 norm_rope(k, qkv + (BI_Q_HEADS + kv_head) * BI_HEAD_DIM, vec.k_norm, pos, vec.inv_freq, st.eps);
                 store_bf16x4(w.k_cache + slot, k);
             } else if (warp == 1) {
-                const float4 v4 = *reinterpret_cast<const float4 *>(qkv + (BI_Q_HEADS + BI_KV_HEADS + kv_head) * BI_HEAD_DIM + 4 * lane);
-                const float v[4] = {v4.x, v4.y, v4.z, v4.w};
-                store_bf16x4(w.v_cache + slot, v);
+                const float4 v4 = *reinterpret_cast<const float4 *>(qkv + (BI_Q_HEADS + BI_KV_HEADS + kv_head) * BI_HEAD_DIM + kDims * lane);
+                store_bf16x4(w.v_cache + slot, {v4.x, v4.y, v4.z, v4.w});
             }
         }
         bi::sync_warps<kWarps>();

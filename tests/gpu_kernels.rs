@@ -387,6 +387,18 @@ fn shuffled_tables(rng: &mut SplitMix64, seqs: usize, blocks_per_seq: usize) -> 
     ids
 }
 
+/// Positions 0..len of one sequence (block table `table`) from a paged [blocks, 8, 16, 128]
+/// cache, as the CPU attention takes them: [len, 8 * 128].
+fn gather_positions(cache: &[f32], table: &[i32], len: usize) -> Vec<f32> {
+    (0..len)
+        .flat_map(|t| {
+            let start = (table[t / 16] as usize * 8 * 16 + t % 16) * 128;
+            (0..8)
+                .flat_map(move |h| cache[start + h * 16 * 128..start + h * 16 * 128 + 128].to_vec())
+        })
+        .collect()
+}
+
 #[test]
 fn gpu_qk_norm_rope_writes_q_and_the_paged_cache() {
     let Some(gpu) = common::gpu_or_skip("gpu_qk_norm_rope_writes_q_and_the_paged_cache") else {
@@ -500,6 +512,19 @@ fn gpu_qk_norm_rope_writes_q_and_the_paged_cache() {
     );
 }
 
+/// Shuffled block tables of `seqs` sequences and a random paged cache for them: (tables, K bits,
+/// V bits). Peaky scores as with the real k_norm outliers: keys of varied scale.
+fn random_paged_cache(
+    rng: &mut SplitMix64,
+    seqs: usize,
+    max_blocks: usize,
+) -> (Vec<i32>, Vec<u16>, Vec<u16>) {
+    let tables = shuffled_tables(rng, seqs, max_blocks);
+    let cache_len = seqs * max_blocks * 16 * KV_WIDTH;
+    let k_bits = random_bf16(rng, cache_len, 3.0);
+    (tables, k_bits, random_bf16(rng, cache_len, 1.0))
+}
+
 #[test]
 fn gpu_attention_matches_reference_across_lengths_and_splits() {
     let Some(gpu) =
@@ -509,12 +534,8 @@ fn gpu_attention_matches_reference_across_lengths_and_splits() {
     };
     let mut rng = common::fresh_rng("gpu_attention");
     let config = ModelConfig::qwen3_0_6b();
-    let (seqs, max_blocks) = (4, 80);
-    let tables = shuffled_tables(&mut rng, seqs, max_blocks);
-    let cache_len = seqs * max_blocks * 16 * KV_WIDTH;
-    // Peaky scores as with the real k_norm outliers: keys of varied scale.
-    let k_bits = random_bf16(&mut rng, cache_len, 3.0);
-    let v_bits = random_bf16(&mut rng, cache_len, 1.0);
+    let max_blocks = 80;
+    let (tables, k_bits, v_bits) = random_paged_cache(&mut rng, 4, max_blocks);
     let (k_all, v_all) = (bits_to_f32(&k_bits), bits_to_f32(&v_bits));
     let positions: Vec<i32> = vec![0, 16, 300, 1279, 37, -1];
     let row_seq: Vec<i32> = vec![0, 1, 2, 3, 0, 2];
@@ -572,22 +593,12 @@ fn gpu_attention_matches_reference_across_lengths_and_splits() {
                 continue;
             }
             let len = positions[r] as usize + 1;
-            let gather = |all: &[f32]| -> Vec<f32> {
-                (0..len)
-                    .flat_map(|t| {
-                        let block = tables[row_seq[r] as usize * max_blocks + t / 16] as usize;
-                        let start = (block * 8 * 16 + t % 16) * 128;
-                        (0..8).flat_map(move |h| {
-                            all[start + h * 16 * 128..start + h * 16 * 128 + 128].to_vec()
-                        })
-                    })
-                    .collect()
-            };
+            let table = &tables[row_seq[r] as usize * max_blocks..];
             let want = attention(
                 &config,
                 &q[r * 2048..(r + 1) * 2048],
-                &gather(&k_all),
-                &gather(&v_all),
+                &gather_positions(&k_all, table, len),
+                &gather_positions(&v_all, table, len),
             );
             let err = common::rel_l2(got, &want);
             // bf16 output (2^-9 relative rounding) over f32 math.
@@ -595,6 +606,150 @@ fn gpu_attention_matches_reference_across_lengths_and_splits() {
                 err < 4e-3,
                 "row {r} (length {len}), {splits} splits: relative L2 {err:.2e}"
             );
+        }
+    }
+}
+
+/// Decode attention prepares each row's queries from the qkv product, writes exactly the rows'
+/// new K/V into the cache and attends to them (every row a different sequence).
+#[test]
+fn gpu_decode_attention_prepares_queries_and_writes_the_new_rows() {
+    let Some(gpu) =
+        common::gpu_or_skip("gpu_decode_attention_prepares_queries_and_writes_the_new_rows")
+    else {
+        return;
+    };
+    let mut rng = common::fresh_rng("gpu_decode_attention");
+    let config = ModelConfig::qwen3_0_6b();
+    let max_blocks = 80;
+    let (tables, k_bits, v_bits) = random_paged_cache(&mut rng, 5, max_blocks);
+    let positions: Vec<i32> = vec![0, 16, 300, 1279, -1]; // the last row is padding
+    let row_seq: Vec<i32> = vec![3, 0, 4, 1, 2];
+    let m = positions.len();
+    let qkv: Vec<f32> = (0..m * kernels::QKV_WIDTH)
+        .map(|_| rng.centered(2.0))
+        .collect();
+    let norm_bits: Vec<u16> = (0..2 * 128)
+        .map(|_| bf16::from_f32(rng.range(0.5, 3.0)).to_bits())
+        .collect();
+    let norm_f32 = bits_to_f32(&norm_bits);
+    let (d_pos, d_seq, d_tables) = (
+        gpu.upload(&positions).unwrap(),
+        gpu.upload(&row_seq).unwrap(),
+        gpu.upload(&tables).unwrap(),
+    );
+    let rows = Rows {
+        positions: &d_pos,
+        row_seq: &d_seq,
+        block_tables: &d_tables,
+        max_blocks,
+        m,
+    };
+    let round = |v: f32| bf16::from_f32(v).to_f32();
+    let close = |got: u16, want: f32, what: &str| {
+        let got = bf16::from_bits(got).to_f32();
+        assert!(
+            (got - want).abs() <= want.abs() * 2f32.powi(-7) + 1e-3,
+            "{what}: {got} vs {want}"
+        );
+    };
+    for splits in [1, 3, 20] {
+        let mut d_k = gpu.upload(&k_bits).unwrap();
+        let mut d_v = gpu.upload(&v_bits).unwrap();
+        let mut d_out = gpu.upload(&vec![POISON_BF16; m * 2048]).unwrap();
+        let mut d_partials = gpu
+            .upload(&vec![f32::NAN; m * 16 * splits * kernels::PARTIAL_FLOATS])
+            .unwrap();
+        let mut d_counters = gpu.alloc::<i32>(m * 8).unwrap();
+        kernels::decode_attention(
+            &gpu,
+            &mut d_out,
+            &mut d_partials,
+            &mut d_counters,
+            LayerCache {
+                k: &mut d_k,
+                v: &mut d_v,
+            },
+            &gpu.upload(&qkv).unwrap(),
+            &gpu.upload(&norm_bits[..128]).unwrap(),
+            &gpu.upload(&norm_bits[128..]).unwrap(),
+            &gpu.upload(&rope_inv_freq(&config)).unwrap(),
+            &rows,
+            splits,
+            config.rms_eps,
+        )
+        .unwrap();
+        let (k, v) = (gpu.download(&d_k).unwrap(), gpu.download(&d_v).unwrap());
+        let out = bits_to_f32(&gpu.download(&d_out).unwrap());
+        assert!(
+            gpu.download(&d_counters).unwrap().iter().all(|&c| c == 0),
+            "completion counters must return to zero"
+        );
+        let mut new_slots = Vec::new();
+        for r in 0..m {
+            let got = &out[r * 2048..(r + 1) * 2048];
+            if positions[r] < 0 {
+                assert!(
+                    got.iter().all(|&v| v == 0.0),
+                    "padding row {r} must be zeros"
+                );
+                continue;
+            }
+            let (pos, table) = (
+                positions[r] as usize,
+                &tables[row_seq[r] as usize * max_blocks..],
+            );
+            let row = &qkv[r * kernels::QKV_WIDTH..(r + 1) * kernels::QKV_WIDTH];
+            let prepared = |head: usize, norm: &[f32]| {
+                let mut x = rms_norm(&row[head * 128..(head + 1) * 128], norm, config.rms_eps);
+                rope(&mut x, pos, config.rope_theta);
+                x
+            };
+            for j in 0..8 {
+                let slot = ((table[pos / 16] as usize * 8 + j) * 16 + pos % 16) * 128;
+                new_slots.push(slot);
+                let want_k = prepared(16 + j, &norm_f32[128..]);
+                for d in 0..128 {
+                    close(
+                        k[slot + d],
+                        want_k[d],
+                        &format!("row {r} k head {j} dim {d}"),
+                    );
+                    close(
+                        v[slot + d],
+                        row[3072 + j * 128 + d],
+                        &format!("row {r} v head {j} dim {d}"),
+                    );
+                }
+            }
+            // The CPU attends to what the GPU wrote (its bf16 rounding of the new row may differ
+            // by an ulp), with the queries prepared and rounded as the kernel stores them.
+            let q: Vec<f32> = (0..16)
+                .flat_map(|h| prepared(h, &norm_f32[..128]))
+                .map(round)
+                .collect();
+            let (k_all, v_all) = (bits_to_f32(&k), bits_to_f32(&v));
+            let want = attention(
+                &config,
+                &q,
+                &gather_positions(&k_all, table, pos + 1),
+                &gather_positions(&v_all, table, pos + 1),
+            );
+            common::assert_all_finite(got, "decode attention out");
+            let err = common::rel_l2(got, &want);
+            // bf16 output (2^-9 relative rounding) over f32 math, queries within an ulp.
+            assert!(
+                err < 4e-3,
+                "row {r} (position {pos}), {splits} splits: relative L2 {err:.2e}"
+            );
+        }
+        for (i, (&got, &before)) in k.iter().zip(&k_bits).enumerate() {
+            if got != before || v[i] != v_bits[i] {
+                assert!(
+                    new_slots.iter().any(|&s| (s..s + 128).contains(&i)),
+                    "cache element {i} changed outside the rows' new positions"
+                );
+            }
         }
     }
 }

@@ -363,14 +363,7 @@ pub fn qk_norm_rope_cache<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
 ) -> Result<()> {
     rows.check()?;
     fits(q, rows.m * Q_WIDTH, "q")?;
-    fits(qkv, rows.m * QKV_WIDTH, "qkv")?;
-    fits(q_norm, HEAD_DIM, "q_norm")?;
-    fits(k_norm, HEAD_DIM, "k_norm")?;
-    fits(rope_inv_freq, HEAD_DIM / 2, "rope_inv_freq")?;
-    ensure!(
-        cache.k.len() == cache.v.len() && cache.k.len() % (KV_WIDTH * BLOCK_TOKENS) == 0,
-        "layer cache shape"
-    );
+    qk_inputs_fit(&cache, qkv, q_norm, k_norm, rope_inv_freq, rows.m)?;
     let (m, max_blocks) = (dim(rows.m, "m")?, dim(rows.max_blocks, "max_blocks")?);
     // SAFETY: lengths checked above; block ids in the tables come from the host allocator, which
     // hands out only blocks inside this cache; pointers are live device buffers on gpu.stream.
@@ -408,15 +401,8 @@ pub fn attention<P: DevicePtr<i32>>(
     rows: &Rows<'_, P>,
     splits: usize,
 ) -> Result<()> {
-    rows.check()?;
-    fits(out, rows.m * Q_WIDTH, "attention out")?;
-    fits(
-        partials,
-        rows.m * Q_HEADS * splits * PARTIAL_FLOATS,
-        "attention partials",
-    )?;
+    attention_outputs_fit(out, partials, counters, rows, splits)?;
     fits(q, rows.m * Q_WIDTH, "attention q")?;
-    fits(counters, rows.m * KV_HEADS, "attention counters")?;
     let (m, max_blocks, s) = (
         dim(rows.m, "m")?,
         dim(rows.max_blocks, "max_blocks")?,
@@ -441,6 +427,95 @@ pub fn attention<P: DevicePtr<i32>>(
         )
     };
     check(code, "bi_attention")
+}
+
+/// Decode attention with `qk_norm_rope_cache`'s work folded in (every row a different
+/// sequence's next token): the same output as the two kernels, without q; the rows' new K/V
+/// rows go into `cache`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
+    gpu: &Gpu,
+    out: &mut impl DevicePtrMut<u16>,
+    partials: &mut impl DevicePtrMut<f32>,
+    counters: &mut impl DevicePtrMut<i32>,
+    cache: LayerCache<'_, C>,
+    qkv: &impl DevicePtr<f32>,
+    q_norm: &impl DevicePtr<u16>,
+    k_norm: &impl DevicePtr<u16>,
+    rope_inv_freq: &impl DevicePtr<f32>,
+    rows: &Rows<'_, P>,
+    splits: usize,
+    eps: f32,
+) -> Result<()> {
+    attention_outputs_fit(out, partials, counters, rows, splits)?;
+    qk_inputs_fit(&cache, qkv, q_norm, k_norm, rope_inv_freq, rows.m)?;
+    let (m, max_blocks, s) = (
+        dim(rows.m, "m")?,
+        dim(rows.max_blocks, "max_blocks")?,
+        dim(splits, "splits")?,
+    );
+    // SAFETY: lengths checked above; block ids come from the host allocator, which hands out only
+    // blocks inside this cache; pointers are live device buffers on gpu.stream.
+    let code = unsafe {
+        ffi::bi_decode_attention(
+            pm(gpu, out),
+            pm(gpu, partials),
+            pm(gpu, counters),
+            pm(gpu, cache.k),
+            pm(gpu, cache.v),
+            p(gpu, qkv),
+            p(gpu, q_norm),
+            p(gpu, k_norm),
+            p(gpu, rope_inv_freq),
+            p(gpu, rows.positions),
+            p(gpu, rows.row_seq),
+            p(gpu, rows.block_tables),
+            m,
+            max_blocks,
+            s,
+            eps,
+            gpu.raw_stream(),
+        )
+    };
+    check(code, "bi_decode_attention")
+}
+
+/// The checks of what the attention kernels write: out [m, 2048], partials, counters.
+fn attention_outputs_fit<P: DevicePtr<i32>>(
+    out: &impl DevicePtrMut<u16>,
+    partials: &impl DevicePtrMut<f32>,
+    counters: &impl DevicePtrMut<i32>,
+    rows: &Rows<'_, P>,
+    splits: usize,
+) -> Result<()> {
+    rows.check()?;
+    fits(out, rows.m * Q_WIDTH, "attention out")?;
+    fits(
+        partials,
+        rows.m * Q_HEADS * splits * PARTIAL_FLOATS,
+        "attention partials",
+    )?;
+    fits(counters, rows.m * KV_HEADS, "attention counters")
+}
+
+/// The checks of what q/k norm + RoPE reads for m rows, and of the layer cache it writes.
+fn qk_inputs_fit<C: DevicePtrMut<u16>>(
+    cache: &LayerCache<'_, C>,
+    qkv: &impl DevicePtr<f32>,
+    q_norm: &impl DevicePtr<u16>,
+    k_norm: &impl DevicePtr<u16>,
+    rope_inv_freq: &impl DevicePtr<f32>,
+    m: usize,
+) -> Result<()> {
+    fits(qkv, m * QKV_WIDTH, "qkv")?;
+    fits(q_norm, HEAD_DIM, "q_norm")?;
+    fits(k_norm, HEAD_DIM, "k_norm")?;
+    fits(rope_inv_freq, HEAD_DIM / 2, "rope_inv_freq")?;
+    ensure!(
+        cache.k.len() == cache.v.len() && cache.k.len() % (KV_WIDTH * BLOCK_TOKENS) == 0,
+        "layer cache shape"
+    );
+    Ok(())
 }
 
 /// Timing knobs of the fused layer kernel (benchmarks only; `Engine::set_layer_knobs`).
