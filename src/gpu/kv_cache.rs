@@ -7,7 +7,7 @@
 //! 256-byte rows.
 
 use anyhow::{ensure, Context, Result};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaViewMut};
 
 use super::kernels::{BLOCK_TOKENS, KV_WIDTH};
 use super::Gpu;
@@ -68,20 +68,10 @@ impl KvCache {
         self.free.extend(blocks);
     }
 
-    fn layer_range(&self, layer: usize) -> std::ops::Range<usize> {
-        let per_layer = self.blocks * BLOCK_TOKENS * KV_WIDTH;
-        layer * per_layer..(layer + 1) * per_layer
-    }
-
-    /// K and V of one layer, for the attention kernel.
-    pub fn layer(&self, layer: usize) -> (CudaView<'_, u16>, CudaView<'_, u16>) {
-        let range = self.layer_range(layer);
-        (self.k.slice(range.clone()), self.v.slice(range))
-    }
-
-    /// K and V of one layer, for the kernel that writes new positions.
+    /// K and V of one layer, for the kernels that write new positions and attend to them.
     pub fn layer_mut(&mut self, layer: usize) -> (CudaViewMut<'_, u16>, CudaViewMut<'_, u16>) {
-        let range = self.layer_range(layer);
+        let per_layer = self.blocks * BLOCK_TOKENS * KV_WIDTH;
+        let range = layer * per_layer..(layer + 1) * per_layer;
         (self.k.slice_mut(range.clone()), self.v.slice_mut(range))
     }
 }
