@@ -49,8 +49,8 @@ __device__ __forceinline__ void sync_warps() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(Warps * kWarp) : "memory");
 }
 
-// Programmatic dependent launch (sm_90): every kernel is launched allowed to start before the
-// previous kernel on the stream finishes. A kernel signals at its start that the next may
+// Programmatic dependent launch (sm_90): kernels are launched allowed to start before the
+// previous kernel on the stream finishes (all but the skinny LM head: `Start`). A kernel signals at its start that the next may
 // launch, does work that needs no earlier result (weight loads), then waits for the previous
 // kernel to complete before touching anything it wrote. Every block waits before it exits, so
 // completion stays transitive along the stream.
@@ -83,14 +83,18 @@ inline cudaError_t is_hopper(bool &hopper) {
     return e;
 }
 
-// Launches `kernel` with programmatic stream serialization, in clusters of `cluster` blocks
-// (1 x 1 x 1: none), and returns the launch error.
+// When a kernel may start: early, by programmatic dependent launch (its blocks are placed as the
+// previous kernel's leave and run the prologue before `wait_for_previous_kernel`), or after the
+// previous kernel (stream order; the wait then returns at once).
+enum class Start { kEarly, kAfterPrevious };
+
+// Launches `kernel` in clusters of `cluster` blocks (1 x 1 x 1: none) and returns the launch error.
 template <typename... Params, typename... Args>
-inline cudaError_t launch_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                                    dim3 cluster, Args... args) {
+inline cudaError_t launch_from(Start start, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                               cudaStream_t stream, dim3 cluster, Args... args) {
     cudaLaunchAttribute attribute[2];
     attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    attribute[0].val.programmaticStreamSerializationAllowed = start == Start::kEarly;
     attribute[1].id = cudaLaunchAttributeClusterDimension;
     attribute[1].val.clusterDim.x = cluster.x;
     attribute[1].val.clusterDim.y = cluster.y;
@@ -103,6 +107,12 @@ inline cudaError_t launch_clustered(void (*kernel)(Params...), dim3 grid, dim3 b
     config.attrs = attribute;
     config.numAttrs = cluster.x * cluster.y * cluster.z > 1 ? 2 : 1;
     return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
+template <typename... Params, typename... Args>
+inline cudaError_t launch_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                    dim3 cluster, Args... args) {
+    return launch_from(Start::kEarly, kernel, grid, block, smem, stream, cluster, args...);
 }
 
 template <typename... Params, typename... Args>

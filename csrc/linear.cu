@@ -431,25 +431,36 @@ __global__ void __launch_bounds__(kTiledThreads) wgmma_kernel(TiledArgs args) {
 constexpr int fitted_warps(int base, int mt, int tn) { return base * mt * tn <= 64 ? base : fitted_warps(base / 2, mt, tn); }
 
 template <int MT, int TN, int BaseWarps, int Unroll, int Epilogue, bool Norm>
-cudaError_t launch_skinny_shape(const SkinnyArgs &args, cudaStream_t stream) {
+cudaError_t launch_skinny_shape(const SkinnyArgs &args, bi::Start start, cudaStream_t stream) {
     constexpr int warps = fitted_warps(BaseWarps, MT, TN);
     if (args.k % (warps * kChunk) != 0 || args.n % (8 * TN) != 0) return cudaErrorInvalidValue;
     return bi::with_weight_type(args.w, [&](auto type) {
-        return bi::launch(skinny_kernel<MT, TN, warps, Unroll, Epilogue, Norm, decltype(type)>, dim3(args.n / (8 * TN)),
-                          dim3(warps * bi::kWarp), 0, stream, args);
+        return bi::launch_from(start, skinny_kernel<MT, TN, warps, Unroll, Epilogue, Norm, decltype(type)>,
+                               dim3(args.n / (8 * TN)), dim3(warps * bi::kWarp), 0, stream, dim3(1, 1, 1), args);
     });
 }
 
 // Shapes picked so that each product is about one wave of two blocks per SM (132 SMs) with
-// every warp holding 4-8 weight loads in flight: the LM head's 151936 rows in 16-row blocks of
-// 4 warps; gate/up (6144) in 24-row blocks and qkv (4096) in 16-row blocks of 8 warps; the
-// 1024-row products in 8-row blocks of 16 warps splitting k.
+// every warp holding 4-8 weight loads in flight: gate/up (6144) in 24-row blocks and qkv (4096)
+// in 16-row blocks of 8 warps; the 1024-row products in 8-row blocks of 16 warps splitting k.
+// The LM head (151936 rows) in blocks of 8 warps, of 32 rows up to 8 activation rows, of 64
+// above (each A chunk then serves 8 tiles); the same 8 warps at every m, so that a row's sums
+// never depend on m (batch invariance). It starts after the previous kernel: launched early it
+// made the whole step 10-12% slower at batch 1-16 (1,212 / 4,433 / 7,513 / 11,837 against
+// 1,350 / 4,960 / 8,301 / 12,961 tok/s at batch 1 / 4 / 8 / 16 with the earlier 16-row blocks
+// of 4 warps; context 512, H200; the last layer letting it start only at its down product did
+// not help), while the one-wave layer products gain from starting early (batch 32, every
+// skinny product after the previous kernel: 18,570 -> 16,870 tok/s). After it, blocks of 64
+// rows: batch 16 12,886 -> 13,334 tok/s (batch 1 1,348 -> 1,325, so 32 rows there: 1,348).
 template <int MT, int Epilogue, bool Norm>
 cudaError_t launch_skinny(const SkinnyArgs &args, cudaStream_t stream) {
-    if (args.n > 8192) return launch_skinny_shape<MT, 2, 4, 8, Epilogue, Norm>(args, stream);
-    if (args.n >= 6144 && args.n % 24 == 0) return launch_skinny_shape<MT, 3, 8, 4, Epilogue, Norm>(args, stream);
-    if (args.n >= 4096 && args.n % 16 == 0) return launch_skinny_shape<MT, 2, 8, 4, Epilogue, Norm>(args, stream);
-    return launch_skinny_shape<MT, 1, 16, 8, Epilogue, Norm>(args, stream);
+    using bi::Start;
+    if (args.n > 8192)
+        return args.m > 8 ? launch_skinny_shape<MT, 8, 8, 1, Epilogue, Norm>(args, Start::kAfterPrevious, stream)
+                          : launch_skinny_shape<MT, 4, 8, 2, Epilogue, Norm>(args, Start::kAfterPrevious, stream);
+    if (args.n >= 6144 && args.n % 24 == 0) return launch_skinny_shape<MT, 3, 8, 4, Epilogue, Norm>(args, Start::kEarly, stream);
+    if (args.n >= 4096 && args.n % 16 == 0) return launch_skinny_shape<MT, 2, 8, 4, Epilogue, Norm>(args, Start::kEarly, stream);
+    return launch_skinny_shape<MT, 1, 16, 8, Epilogue, Norm>(args, Start::kEarly, stream);
 }
 
 // Splits of k for `tiles` output tiles: one block per SM, at most a portable cluster (8) per

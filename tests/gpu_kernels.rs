@@ -305,7 +305,8 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
     // Skinny tilings (m <= 16; up to 32 with n <= 8192: two row tiles) and the tiled ones (64 or
     // 128 rows by 128 columns; k split across a cluster where the tiles are few: m = 24 with
     // n = 9216, 33, 40, 64, 65, 200, 256 here), with the model's k and both n paths, for bf16
-    // and INT8 weights; n = 1040 and n = 384 end in a partial tile.
+    // and INT8 weights; n = 1040 and n = 384 end in a partial tile; n > 8192 at m <= 16 is the
+    // LM head's skinny shape (32-row blocks up to m = 8, 64-row blocks above).
     for int8 in [false, true] {
         for &dims in &[
             (1, 1024, 3072),
@@ -323,6 +324,7 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
         for &dims in &[
             (1, 4096, 1024),
             (1, 151_936, 1024),
+            (12, 9216, 1024),
             (9, 6144, 1024),
             (24, 9216, 1024),
             (40, 1024, 1024),
