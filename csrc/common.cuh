@@ -50,10 +50,10 @@ __device__ __forceinline__ void sync_warps() {
 }
 
 // Programmatic dependent launch (sm_90): kernels are launched allowed to start before the
-// previous kernel on the stream finishes (all but the skinny LM head: `Start`). A kernel signals at its start that the next may
-// launch, does work that needs no earlier result (weight loads), then waits for the previous
-// kernel to complete before touching anything it wrote. Every block waits before it exits, so
-// completion stays transitive along the stream.
+// previous kernel on the stream finishes (all but the skinny LM head: `Start`). A kernel
+// signals at its start that the next may launch, does work that needs no earlier result
+// (weight loads), then waits for the previous kernel to complete before touching anything it
+// wrote. Every block waits before it exits, so completion stays transitive along the stream.
 __device__ __forceinline__ void allow_next_kernel() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
