@@ -45,11 +45,13 @@ __global__ void __launch_bounds__(8 * bi::kWarp)
                     args.out[(static_cast<size_t>(row) * BI_Q_HEADS + kv_head * kGroup) * BI_HEAD_DIM + i] = 0;
             continue;
         }
+        const int active = Attention::split_range(pos, split, splits).active;
+        if (split >= active) continue;  // a short context uses fewer ranges
         const int32_t *table = block_tables + static_cast<size_t>(row_seq[row]) * max_blocks;
         const Round first = Attention::first_round(args, table, kv_head, split, splits, pos);
         QueryFragments qa;
         if constexpr (Decode) {
-            const bool write_kv = split == Attention::split_range(pos, split, splits).active - 1;
+            const bool write_kv = split == active - 1;
             bi_bf16 *heads = reinterpret_cast<bi_bf16 *>(smem + Attention::kMergeFloats);  // [kGroup][128]
             prepare_decode_item(heads, prep, row, kv_head, pos, table, write_kv);
             __syncthreads();
