@@ -57,6 +57,16 @@ __device__ __forceinline__ Round load_round(const bi_bf16 *k_cache, const bi_bf1
     return r;
 }
 
+// Asks L2 for the round from `base` of a warp (load_round's lines: lane l one 128-byte half of
+// the K or the V row of position base + l / 4), so that its load, issued a round later, hits L2.
+__device__ __forceinline__ void prefetch_round(const bi_bf16 *k_cache, const bi_bf16 *v_cache, int block, int kv_head, int base,
+                                               int end) {
+    const int lane = threadIdx.x % bi::kWarp;
+    const bi_bf16 *cache = lane / 2 % 2 ? v_cache : k_cache;
+    const bi_bf16 *line = cache + kv_row(block, kv_head, min(base + lane / 4, end - 1)) + lane % 2 * (BI_HEAD_DIM / 2);
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(line));
+}
+
 __device__ __forceinline__ void unpack_dims(float (&dst)[kDims], uint2 raw) {
     dst[0] = __uint_as_float(raw.x << 16), dst[1] = __uint_as_float(raw.x & 0xffff0000u);
     dst[2] = __uint_as_float(raw.y << 16), dst[3] = __uint_as_float(raw.y & 0xffff0000u);
@@ -186,8 +196,12 @@ struct Core {
     // The block's share of rows [0, pos] of `row` for `kv_head`: range `split` of at most `splits`.
     // qa: the query fragments (load_query). table: the row's block table; first: first_round's.
     // smem: kSmemFloats floats. All Warps warps. Prefetch: the next round's loads are in flight
-    // while a round computes (64 registers of rounds; the fused layer kernel, whose decode ranges
-    // are one or two rounds per warp, has no registers to spare for it).
+    // while a round computes (64 registers of rounds). The fused layer kernel has no registers to
+    // spare for it; it asks L2 for the next round instead (one prefetch per lane), which ran the
+    // decode sweep at batch 8 / 16 1.8-2.1% faster at context 512 (8,197 -> 8,370, 13,360 ->
+    // 13,623 tok/s) and 7.4-8.3% at 2,048 (5,496 -> 5,903, 7,650 -> 8,288; H200); two or three
+    // rounds ahead gained less or lost, and L2 prefetches two or three rounds ahead of the
+    // register prefetch slowed the separate kernel (batch 64: 25,904 -> 25,180 / 24,501).
     template <bool Prefetch>
     static __device__ __forceinline__ void attend_split(const Args &args, int row, int kv_head, int split, int splits, int pos,
                                                  const int32_t *table, const QueryFragments &qa, const Round &first,
@@ -212,6 +226,8 @@ struct Core {
         if (first_base < end && first_base + kTokensPerRound > pos) kv = round_at(first_base);  // holds `pos`: maybe read before it was written
         for (int base = first_base; base < end; base += kStride) {
             if (!Prefetch && base != first_base) kv = round_at(base);
+            if (!Prefetch && base + kStride < end)
+                prefetch_round(args.k_cache, args.v_cache, table[(base + kStride) / BI_BLOCK_TOKENS], kv_head, base + kStride, end);
             Round next;
             if constexpr (Prefetch) next = base + kStride < end ? round_at(base + kStride) : Round{};
             // Scores: lane (g < 2, q) gets head g at positions base + 2q and base + 2q + 1.
