@@ -198,8 +198,8 @@ struct Core {
     // smem: kSmemFloats floats. All Warps warps. Prefetch: the next round's loads are in flight
     // while a round computes (64 registers of rounds). The fused layer kernel has no registers to
     // spare for it; it asks L2 for the next round instead (one prefetch per lane), which ran the
-    // decode sweep at batch 8 / 16 1.8-2.1% faster at context 512 (8,197 -> 8,370, 13,360 ->
-    // 13,623 tok/s) and 7.4-8.3% at 2,048 (5,496 -> 5,903, 7,650 -> 8,288; H200); two or three
+    // decode sweep at batch 8 / 16 2% faster at context 512 (8,197 -> 8,370, 13,360 -> 13,623
+    // tok/s) and 7.4-8.3% at 2,048 (5,496 -> 5,903, 7,650 -> 8,288; H200); two or three
     // rounds ahead gained less or lost, and L2 prefetches two or three rounds ahead of the
     // register prefetch slowed the separate kernel (batch 64: 25,904 -> 25,180 / 24,501).
     template <bool Prefetch>
