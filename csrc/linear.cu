@@ -440,6 +440,10 @@ cudaError_t launch_skinny_shape(const SkinnyArgs &args, bi::Start start, cudaStr
     });
 }
 
+// Widest n of a layer product (gate/up has 6144); wider products are the LM head, whose skinny
+// shapes and launch differ, and which runs tiled from BI_SKINNY_ROWS + 1 rows (launch_linear).
+constexpr int kSkinnyWidest = 8192;
+
 // Shapes picked so that each product is about one wave of two blocks per SM (132 SMs) with
 // every warp holding 4-8 weight loads in flight: gate/up (6144) in 24-row blocks and qkv (4096)
 // in 16-row blocks of 8 warps; the 1024-row products in 8-row blocks of 16 warps splitting k.
@@ -455,7 +459,7 @@ cudaError_t launch_skinny_shape(const SkinnyArgs &args, bi::Start start, cudaStr
 template <int MT, int Epilogue, bool Norm>
 cudaError_t launch_skinny(const SkinnyArgs &args, cudaStream_t stream) {
     using bi::Start;
-    if (args.n > 8192)
+    if (args.n > kSkinnyWidest)
         return args.m > 8 ? launch_skinny_shape<MT, 8, 8, 1, Epilogue, Norm>(args, Start::kAfterPrevious, stream)
                           : launch_skinny_shape<MT, 4, 8, 2, Epilogue, Norm>(args, Start::kAfterPrevious, stream);
     if (args.n >= 6144 && args.n % 24 == 0) return launch_skinny_shape<MT, 3, 8, 4, Epilogue, Norm>(args, Start::kEarly, stream);
@@ -512,7 +516,6 @@ cudaError_t launch_tiled(const TiledArgs &args, cudaStream_t stream) {
 // and the LM head above BI_SKINNY_ROWS: RMSNorm into `scratch`, then the tiled product (at
 // m = 32 the skinny LM head took 286 us, tiled 110 us; the layer products the other way round,
 // 32 against 42 us per layer: H200, benches/kernels.rs).
-constexpr int kSkinnyWidest = 8192;
 template <int Epilogue, bool Norm>
 cudaError_t launch_linear(const SkinnyArgs &args, bi_bf16 *scratch, cudaStream_t stream) {
     if (args.m <= BI_SKINNY_ROWS) return launch_skinny<1, Epilogue, Norm>(args, stream);
