@@ -204,23 +204,25 @@ fn batched_decode_matches_the_cpu_reference(name: &str, quant: Quant) {
         &config,
         &weights,
         EngineOptions {
-            max_batch: 20,
+            max_batch: 70,
             prefill_chunk: 64,
             quant,
             ..Default::default()
         },
     );
     engine.capture().unwrap();
-    // Sequences of different lengths in slots 0, 3 and 17: while slot 17 lives a step is a
-    // batch of 20 (separate kernels in two concurrent chains of 10 rows, 17 padding rows); once
-    // it finishes, a batch of 4 (the fused layer kernel) and the others go on.
+    // Sequences of different lengths in slots 0, 3, 17 and 69: while slot 69 lives a step is a
+    // batch of 70 (one chain of separate kernels: tiled products, k split over clusters, q/k
+    // norm + RoPE before attention; 66 padding rows); once it finishes, a batch of 32 (two
+    // concurrent chains of 16 rows: skinny products, attention preparing its own queries); once
+    // slot 17 finishes too, a batch of 4 (the fused layer kernel), and the others go on.
     struct Sequence {
         slot: usize,
         cache: braidinfer::reference::CpuCache,
         f32_cache: braidinfer::reference::CpuCache,
         reference: Vec<f32>,
     }
-    let mut sequences: Vec<Sequence> = [(0, 37), (3, 90), (17, 5)]
+    let mut sequences: Vec<Sequence> = [(0, 37), (3, 90), (17, 5), (69, 5)]
         .into_iter()
         .map(|(slot, len)| {
             let prompt = random_prompt(&mut rng, len, v);
@@ -250,15 +252,18 @@ fn batched_decode_matches_the_cpu_reference(name: &str, quant: Quant) {
         .collect();
     let mut errors = Errors::default();
     for step in 0..12 {
-        if step == 6 {
-            engine.finish_sequence(17).unwrap();
-            sequences.retain(|s| s.slot != 17);
+        for (at, slot) in [(4, 69), (8, 17)] {
+            if step == at {
+                engine.finish_sequence(slot).unwrap();
+                sequences.retain(|s| s.slot != slot);
+            }
         }
-        assert_eq!(
-            engine.step_rows(),
-            if step < 6 { 20 } else { 4 },
-            "step {step}"
-        );
+        let rows = match step {
+            0..4 => 70,
+            4..8 => 32,
+            _ => 4,
+        };
+        assert_eq!(engine.step_rows(), rows, "step {step}");
         let tokens = engine.gpu().download(engine.tokens()).unwrap();
         engine.step().unwrap();
         let logits = engine.gpu().download(engine.logits()).unwrap();
