@@ -10,8 +10,8 @@ use cudarc::driver::{sys, CudaSlice, DevicePtrMut};
 
 use braidinfer::bench::{copy_bandwidth, Timer};
 use braidinfer::gpu::kernels::{
-    self, Epilogue, LayerCache, Matrix, MatrixRef, NormEpilogue, Rows, HIDDEN, INTERMEDIATE,
-    KV_WIDTH, QKV_WIDTH, Q_WIDTH,
+    self, Epilogue, LayerCache, Matrix, MatrixRef, NormEpilogue, Placement, Rows, HIDDEN,
+    INTERMEDIATE, KV_WIDTH, QKV_WIDTH, Q_WIDTH,
 };
 use braidinfer::gpu::Gpu;
 use braidinfer::rng::SplitMix64;
@@ -68,7 +68,18 @@ fn norm_product_us<O>(
     epilogue: NormEpilogue,
 ) -> Result<f64> {
     let us = graph_us(gpu, weights.len(), |i| {
-        kernels::norm_linear(gpu, out, x, norm, 1e-6, weights[i], scratch, dims, epilogue)
+        kernels::norm_linear(
+            gpu,
+            out,
+            x,
+            norm,
+            1e-6,
+            weights[i],
+            scratch,
+            dims,
+            epilogue,
+            Placement::Alone,
+        )
     })?;
     Ok(us / weights.len() as f64)
 }
@@ -83,7 +94,7 @@ fn product_us(
     epilogue: Epilogue,
 ) -> Result<f64> {
     let us = graph_us(gpu, weights.len(), |i| {
-        kernels::linear(gpu, out, a, weights[i], dims, epilogue)
+        kernels::linear(gpu, out, a, weights[i], dims, epilogue, Placement::Alone)
     })?;
     Ok(us / weights.len() as f64)
 }

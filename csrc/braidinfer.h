@@ -66,22 +66,32 @@ cudaError_t bi_quantize_int8(int8_t *values, float *scales, const bi_bf16 *w, in
                              cudaStream_t stream);
 
 /* Products of up to this many rows stream the weights straight into mma fragments (skinny, the
- * per-row arithmetic independent of m); the layer products up to twice as many rows too, larger
- * ones run tiled. */
+ * per-row arithmetic independent of m); the layer products up to twice as many rows too when
+ * they run alone (bi_placement), larger ones run tiled. */
 #define BI_SKINNY_ROWS 16
+
+/* What else runs while a product does, which decides the kernel of a layer product (n <= 8192)
+ * of BI_SKINNY_ROWS + 1 to 2 * BI_SKINNY_ROWS rows: alone, the skinny kernel with its RMSNorm
+ * fused is the faster; beside another chain of rows' kernels (a decode step's concurrent
+ * chains), the tiled one (batch 64 as two chains of 32 rows: 27,250 tok/s with one chain of 64,
+ * 27,936 with tiled products, 20,349 with skinny ones; context 512, H200). */
+typedef enum {
+    BI_PLACEMENT_ALONE = 0,
+    BI_PLACEMENT_BESIDE_CHAIN = 1,
+} bi_placement;
 
 /* out = a . w^T on tensor cores with f32 accumulation, then the epilogue.
  * a: [m, k] bf16; w: [n, k]. n must be a multiple of 16 and k of 64; a skinny product (m <=
- * BI_SKINNY_ROWS, or up to twice that with n <= 8192) needs k a multiple of 512 (of 128 when
- * n > 8192). */
+ * BI_SKINNY_ROWS, or up to twice that alone with n <= 8192) needs k a multiple of 512 (of 128
+ * when n > 8192). */
 cudaError_t bi_linear(void *out, const bi_bf16 *a, bi_matrix w, int m, int n, int k,
-                      bi_epilogue epilogue, cudaStream_t stream);
+                      bi_epilogue epilogue, bi_placement placement, cudaStream_t stream);
 
 /* The same with RMSNorm fused in front: a = bf16(x / rms(x) * norm), x: [m, k] f32 (the
- * residual stream), norm: [k] bf16. scratch: [m, k] bf16, used when m > BI_SKINNY_ROWS. */
+ * residual stream), norm: [k] bf16. scratch: [m, k] bf16, used when the product runs tiled. */
 cudaError_t bi_norm_linear(void *out, const float *x, const bi_bf16 *norm, float eps, bi_matrix w,
                            bi_bf16 *scratch, int m, int n, int k, bi_epilogue epilogue,
-                           cudaStream_t stream);
+                           bi_placement placement, cudaStream_t stream);
 
 /* Per row r (a token at position positions[r] of sequence row_seq[r]; rows with a negative
  * position are padding and are skipped):

@@ -3,18 +3,19 @@
 // residual add, or SwiGLU). Weights are bf16, or INT8 converted to bf16 fragments in registers
 // with the row scale applied to the sum.
 //
-// Two tilings of the same product, picked by m:
-// - skinny (m <= 16, and the layer products up to m = 32): weights stream straight from
-//   global memory into mma fragments with 16-byte loads; each block owns 8*TN weight rows and
-//   its warps split k. The k axis is permuted inside every 32-column chunk (same permutation for
-//   a and w, so the dot product is unchanged): a thread's 8 contiguous bf16 feed two k16 steps.
-//   At m = 1 the tensor core wastes 15/16 of its rows, which costs nothing in a memory-bound
-//   product.
-// - tiled (m > 32, the LM head above m = 16, prefill): 64/128-row x 128-column block tiles
-//   through a deep cp.async pipeline (wgmma, or ldmatrix + mma.sync), k split across blocks
-//   when the tiles alone leave SMs idle. (At m = 64 the skinny kernel re-read the activations
-//   in every block: 89 us per layer on an H200, ncu, against 43 us tiled; at m = 32 skinny with
-//   its fused RMSNorm is the faster step: 15,588 against 14,581 tok/s at batch 32, context 512.)
+// Two tilings of the same product, picked by m (and bi_placement):
+// - skinny (m <= 16, and the layer products up to m = 32 when alone): weights stream straight
+//   from global memory into mma fragments with 16-byte loads; each block owns 8*TN weight rows
+//   and its warps split k. The k axis is permuted inside every 32-column chunk (same
+//   permutation for a and w, so the dot product is unchanged): a thread's 8 contiguous bf16
+//   feed two k16 steps. At m = 1 the tensor core wastes 15/16 of its rows, which costs nothing
+//   in a memory-bound product.
+// - tiled (m > 32, layer products of 17-32 rows beside another chain, the LM head above m = 16,
+//   prefill): 64/128-row x 128-column block tiles through a deep cp.async pipeline (wgmma, or
+//   ldmatrix + mma.sync), k split across blocks when the tiles alone leave SMs idle. (At m = 64
+//   the skinny kernel re-read the activations in every block: 89 us per layer on an H200, ncu,
+//   against 43 us tiled; at m = 32 alone, skinny with its fused RMSNorm is the faster step:
+//   15,588 against 14,581 tok/s at batch 32, context 512.)
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -512,14 +513,16 @@ cudaError_t launch_tiled(const TiledArgs &args, cudaStream_t stream) {
     });
 }
 
-// m <= BI_SKINNY_ROWS, and the layer products up to twice that: skinny (norm fused); larger m
-// and the LM head above BI_SKINNY_ROWS: RMSNorm into `scratch`, then the tiled product (at
-// m = 32 the skinny LM head took 286 us, tiled 110 us; the layer products the other way round,
-// 32 against 42 us per layer: H200, benches/kernels.rs).
+// m <= BI_SKINNY_ROWS, and the layer products up to twice that when alone: skinny (norm fused);
+// larger m, those beside another chain (bi_placement) and the LM head above BI_SKINNY_ROWS:
+// RMSNorm into `scratch`, then the tiled product (at m = 32 the skinny LM head took 286 us,
+// tiled 110 us; the layer products the other way round, 32 against 42 us per layer: H200,
+// benches/kernels.rs).
 template <int Epilogue, bool Norm>
-cudaError_t launch_linear(const SkinnyArgs &args, bi_bf16 *scratch, cudaStream_t stream) {
+cudaError_t launch_linear(const SkinnyArgs &args, bi_placement placement, bi_bf16 *scratch, cudaStream_t stream) {
     if (args.m <= BI_SKINNY_ROWS) return launch_skinny<1, Epilogue, Norm>(args, stream);
-    if (args.m <= 2 * BI_SKINNY_ROWS && args.n <= kSkinnyWidest) return launch_skinny<2, Epilogue, Norm>(args, stream);
+    if (args.m <= 2 * BI_SKINNY_ROWS && args.n <= kSkinnyWidest && placement == BI_PLACEMENT_ALONE)
+        return launch_skinny<2, Epilogue, Norm>(args, stream);
     const bi_bf16 *a = static_cast<const bi_bf16 *>(args.a);
     if constexpr (Norm) {
         const cudaError_t e = bi_rmsnorm(scratch, static_cast<const float *>(args.a), args.norm, args.m, args.k, args.eps, stream);
@@ -530,12 +533,14 @@ cudaError_t launch_linear(const SkinnyArgs &args, bi_bf16 *scratch, cudaStream_t
 }
 
 template <bool Norm>
-cudaError_t dispatch(const SkinnyArgs &args, bi_epilogue epilogue, bi_bf16 *scratch, cudaStream_t stream) {
+cudaError_t dispatch(const SkinnyArgs &args, bi_epilogue epilogue, bi_placement placement, bi_bf16 *scratch,
+                     cudaStream_t stream) {
     if (args.m <= 0 || args.n <= 0 || args.k <= 0 || args.n % 16 != 0) return cudaErrorInvalidValue;
+    if (placement != BI_PLACEMENT_ALONE && placement != BI_PLACEMENT_BESIDE_CHAIN) return cudaErrorInvalidValue;
     switch (epilogue) {
-        case BI_EPILOGUE_STORE_F32: return launch_linear<BI_EPILOGUE_STORE_F32, Norm>(args, scratch, stream);
-        case BI_EPILOGUE_ADD_RESIDUAL: return launch_linear<BI_EPILOGUE_ADD_RESIDUAL, Norm>(args, scratch, stream);
-        case BI_EPILOGUE_SWIGLU: return launch_linear<BI_EPILOGUE_SWIGLU, Norm>(args, scratch, stream);
+        case BI_EPILOGUE_STORE_F32: return launch_linear<BI_EPILOGUE_STORE_F32, Norm>(args, placement, scratch, stream);
+        case BI_EPILOGUE_ADD_RESIDUAL: return launch_linear<BI_EPILOGUE_ADD_RESIDUAL, Norm>(args, placement, scratch, stream);
+        case BI_EPILOGUE_SWIGLU: return launch_linear<BI_EPILOGUE_SWIGLU, Norm>(args, placement, scratch, stream);
     }
     return cudaErrorInvalidValue;
 }
@@ -543,12 +548,12 @@ cudaError_t dispatch(const SkinnyArgs &args, bi_epilogue epilogue, bi_bf16 *scra
 }  // namespace
 
 extern "C" cudaError_t bi_linear(void *out, const bi_bf16 *a, bi_matrix w, int m, int n, int k,
-                                 bi_epilogue epilogue, cudaStream_t stream) {
-    return dispatch<false>(SkinnyArgs{out, a, nullptr, w, m, n, k, 0.0f}, epilogue, nullptr, stream);
+                                 bi_epilogue epilogue, bi_placement placement, cudaStream_t stream) {
+    return dispatch<false>(SkinnyArgs{out, a, nullptr, w, m, n, k, 0.0f}, epilogue, placement, nullptr, stream);
 }
 
 extern "C" cudaError_t bi_norm_linear(void *out, const float *x, const bi_bf16 *norm, float eps, bi_matrix w,
                                       bi_bf16 *scratch, int m, int n, int k, bi_epilogue epilogue,
-                                      cudaStream_t stream) {
-    return dispatch<true>(SkinnyArgs{out, x, norm, w, m, n, k, eps}, epilogue, scratch, stream);
+                                      bi_placement placement, cudaStream_t stream) {
+    return dispatch<true>(SkinnyArgs{out, x, norm, w, m, n, k, eps}, epilogue, placement, scratch, stream);
 }

@@ -146,6 +146,7 @@ pub fn matrix_rate(gpu: &Gpu) -> Result<f64> {
                 crate::gpu::kernels::MatrixRef::Bf16(&w),
                 (M, N, K),
                 crate::gpu::kernels::Epilogue::Store,
+                crate::gpu::kernels::Placement::Alone,
             )
         },
     )?;

@@ -211,18 +211,20 @@ fn batched_decode_matches_the_cpu_reference(name: &str, quant: Quant) {
         },
     );
     engine.capture().unwrap();
-    // Sequences of different lengths in slots 0, 3, 17 and 69: while slot 69 lives a step is a
-    // batch of 70 (one chain of separate kernels: tiled products, k split over clusters, q/k
-    // norm + RoPE before attention; 66 padding rows); once it finishes, a batch of 32 (two
-    // concurrent chains of 16 rows: skinny products, attention preparing its own queries); once
-    // slot 17 finishes too, a batch of 4 (the fused layer kernel), and the others go on.
+    // Sequences of different lengths in slots 0, 3, 17, 40 and 69: while slot 69 lives a step is
+    // a batch of 70 (one chain of separate kernels: tiled products, k split over clusters, q/k
+    // norm + RoPE before attention; 65 padding rows); once it finishes, a batch of 64 (two
+    // concurrent chains of 32 rows, their products tiled beside each other); once slot 40
+    // finishes, a batch of 32 (two chains of 16 rows: skinny products, attention preparing its
+    // own queries); once slot 17 finishes too, a batch of 4 (the fused layer kernel), and the
+    // others go on.
     struct Sequence {
         slot: usize,
         cache: braidinfer::reference::CpuCache,
         f32_cache: braidinfer::reference::CpuCache,
         reference: Vec<f32>,
     }
-    let mut sequences: Vec<Sequence> = [(0, 37), (3, 90), (17, 5), (69, 5)]
+    let mut sequences: Vec<Sequence> = [(0, 37), (3, 90), (17, 5), (40, 9), (69, 5)]
         .into_iter()
         .map(|(slot, len)| {
             let prompt = random_prompt(&mut rng, len, v);
@@ -252,15 +254,16 @@ fn batched_decode_matches_the_cpu_reference(name: &str, quant: Quant) {
         .collect();
     let mut errors = Errors::default();
     for step in 0..12 {
-        for (at, slot) in [(4, 69), (8, 17)] {
+        for (at, slot) in [(3, 69), (6, 40), (9, 17)] {
             if step == at {
                 engine.finish_sequence(slot).unwrap();
                 sequences.retain(|s| s.slot != slot);
             }
         }
         let rows = match step {
-            0..4 => 70,
-            4..8 => 32,
+            0..3 => 70,
+            3..6 => 64,
+            6..9 => 32,
             _ => 4,
         };
         assert_eq!(engine.step_rows(), rows, "step {step}");

@@ -5,7 +5,7 @@ mod common;
 
 use braidinfer::config::ModelConfig;
 use braidinfer::gpu::kernels::{
-    self, Epilogue, LayerCache, Matrix, Rows, SampleState, SamplingParamsRaw,
+    self, Epilogue, LayerCache, Matrix, Placement, Rows, SampleState, SamplingParamsRaw,
 };
 use braidinfer::gpu::weights::rope_inv_freq;
 use braidinfer::gpu::Gpu;
@@ -153,7 +153,13 @@ fn download_int8(gpu: &Gpu, matrix: &Matrix) -> Int8Matrix {
     }
 }
 
-fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, (m, n, k): (usize, usize, usize), int8: bool) {
+fn run_linear_case(
+    gpu: &Gpu,
+    rng: &mut SplitMix64,
+    (m, n, k): (usize, usize, usize),
+    int8: bool,
+    placement: Placement,
+) {
     let a_bits = random_bf16(rng, m * k, 1.0);
     let (d_w, w) = product_weights(gpu, rng, n, k, int8);
     let a = bits_to_f32(&a_bits);
@@ -170,6 +176,7 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, (m, n, k): (usize, usize, us
         d_w.view(),
         (m, n, k),
         Epilogue::Store,
+        placement,
     )
     .unwrap();
     let out = gpu.download(&d_out).unwrap();
@@ -177,7 +184,7 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, (m, n, k): (usize, usize, us
     let err = common::rel_l2(&out, &expected);
     assert!(
         err < 1e-5,
-        "linear m={m} n={n} k={k} int8={int8}: relative L2 {err:.2e}"
+        "linear m={m} n={n} k={k} int8={int8} {placement:?}: relative L2 {err:.2e}"
     );
     // Bit-identical when repeated: split-k partials are added in split order, whatever the
     // timing of the cluster's blocks.
@@ -189,6 +196,7 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, (m, n, k): (usize, usize, us
         d_w.view(),
         (m, n, k),
         Epilogue::Store,
+        placement,
     )
     .unwrap();
     let again = gpu.download(&again).unwrap();
@@ -196,7 +204,7 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, (m, n, k): (usize, usize, us
         out.iter()
             .zip(&again)
             .all(|(a, b)| a.to_bits() == b.to_bits()),
-        "linear m={m} n={n} k={k} int8={int8}: a repeated product differs"
+        "linear m={m} n={n} k={k} int8={int8} {placement:?}: a repeated product differs"
     );
 
     // AddResidual: adds onto what is there.
@@ -209,6 +217,7 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, (m, n, k): (usize, usize, us
         d_w.view(),
         (m, n, k),
         Epilogue::AddResidual,
+        placement,
     )
     .unwrap();
     let x = gpu.download(&d_x).unwrap();
@@ -216,7 +225,7 @@ fn run_linear_case(gpu: &Gpu, rng: &mut SplitMix64, (m, n, k): (usize, usize, us
     let err = common::rel_l2(&x, &want);
     assert!(
         err < 1e-5,
-        "linear add m={m} n={n} k={k} int8={int8}: relative L2 {err:.2e}"
+        "linear add m={m} n={n} k={k} int8={int8} {placement:?}: relative L2 {err:.2e}"
     );
 }
 
@@ -226,6 +235,7 @@ fn run_norm_linear_case(
     rng: &mut SplitMix64,
     (m, n, k): (usize, usize, usize),
     int8: bool,
+    placement: Placement,
 ) {
     let x: Vec<f32> = (0..m * k)
         .map(|i| rng.centered(0.3 + (i / k) as f32))
@@ -253,6 +263,7 @@ fn run_norm_linear_case(
         &mut scratch,
         (m, n, k),
         kernels::NormEpilogue::Store,
+        placement,
     )
     .unwrap();
     let out = gpu.download(&d_out).unwrap();
@@ -262,7 +273,7 @@ fn run_norm_linear_case(
     let err = common::rel_l2(&out, &expected);
     assert!(
         err < 1e-3,
-        "norm_linear m={m} n={n} k={k} int8={int8}: relative L2 {err:.2e}"
+        "norm_linear m={m} n={n} k={k} int8={int8} {placement:?}: relative L2 {err:.2e}"
     );
 
     // SwiGLU: rows 2i and 2i+1 are gate_i and up_i; the bf16 output rounds once more.
@@ -277,6 +288,7 @@ fn run_norm_linear_case(
         &mut scratch,
         (m, n, k),
         kernels::NormEpilogue::SwiGlu,
+        placement,
     )
     .unwrap();
     let act = bits_to_f32(&gpu.download(&d_act).unwrap());
@@ -290,7 +302,7 @@ fn run_norm_linear_case(
     let err = common::rel_l2(&act, &want);
     assert!(
         err < 5e-3,
-        "swiglu m={m} n={n} k={k} int8={int8}: relative L2 {err:.2e} (bf16 output)"
+        "swiglu m={m} n={n} k={k} int8={int8} {placement:?}: relative L2 {err:.2e} (bf16 output)"
     );
 }
 
@@ -302,24 +314,35 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
         return;
     };
     let mut rng = common::fresh_rng("gpu_linear");
-    // Skinny tilings (m <= 16; up to 32 with n <= 8192: two row tiles) and the tiled ones (64 or
-    // 128 rows by 128 columns; k split across a cluster where the tiles are few: m = 24 with
-    // n = 9216, 33, 40, 64, 65, 200, 256 here), with the model's k and both n paths, for bf16
-    // and INT8 weights; n = 1040 and n = 384 end in a partial tile; n > 8192 at m <= 16 is the
-    // LM head's skinny shape (32-row blocks up to m = 8, 64-row blocks above).
+    // Skinny tilings (m <= 16; up to 32 alone with n <= 8192: two row tiles) and the tiled ones
+    // (64 or 128 rows by 128 columns; k split across a cluster where the tiles are few: m = 17-32
+    // beside another chain, m = 24 with n = 9216, 33, 40, 64, 65, 200, 256 here), with the
+    // model's k and both n paths, for bf16 and INT8 weights; n = 1040 and n = 384 end in a
+    // partial tile; n > 8192 at m <= 16 is the LM head's skinny shape (32-row blocks up to m = 8,
+    // 64-row blocks above). Products of 17-32 rows run with both placements.
+    let placements = |m: usize| {
+        if (17..=32).contains(&m) {
+            vec![Placement::Alone, Placement::BesideChain]
+        } else {
+            vec![Placement::Alone]
+        }
+    };
     for int8 in [false, true] {
         for &dims in &[
             (1, 1024, 3072),
             (3, 4096, 1024),
             (16, 6144, 1024),
             (17, 1024, 2048),
+            (32, 1024, 3072),
             (33, 1040, 2048),
             (64, 2048, 1024),
             (65, 256, 1024),
             (200, 384, 3072),
             (256, 1024, 3072),
         ] {
-            run_linear_case(&gpu, &mut rng, dims, int8);
+            for placement in placements(dims.0) {
+                run_linear_case(&gpu, &mut rng, dims, int8, placement);
+            }
         }
         for &dims in &[
             (1, 4096, 1024),
@@ -327,10 +350,13 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
             (12, 9216, 1024),
             (9, 6144, 1024),
             (24, 9216, 1024),
+            (32, 6144, 1024),
             (40, 1024, 1024),
             (130, 512, 1024),
         ] {
-            run_norm_linear_case(&gpu, &mut rng, dims, int8);
+            for placement in placements(dims.0) {
+                run_norm_linear_case(&gpu, &mut rng, dims, int8, placement);
+            }
         }
     }
     let refused = kernels::linear(
@@ -340,6 +366,7 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
         Matrix::Bf16(gpu.alloc::<u16>(16 * 100).unwrap()).view(),
         (1, 16, 100),
         Epilogue::Store,
+        Placement::Alone,
     );
     assert!(refused.is_err(), "k = 100 must be refused");
 }

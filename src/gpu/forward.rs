@@ -8,9 +8,9 @@ use anyhow::Result;
 use cudarc::driver::{CudaSlice, DevicePtrMut};
 
 use super::kernels::{
-    self, DecodeLayer, DecodeScratch, Epilogue, LayerCache, LayerKnobs, NormEpilogue, Rows,
-    DECODE_LAYER_MAX_ROWS, HIDDEN, INTERMEDIATE, KV_HEADS, PARTIAL_FLOATS, QKV_WIDTH, Q_HEADS,
-    Q_WIDTH,
+    self, DecodeLayer, DecodeScratch, Epilogue, LayerCache, LayerKnobs, NormEpilogue, Placement,
+    Rows, DECODE_LAYER_MAX_ROWS, HIDDEN, INTERMEDIATE, KV_HEADS, PARTIAL_FLOATS, QKV_WIDTH,
+    Q_HEADS, Q_WIDTH,
 };
 use super::kv_cache::KvCache;
 use super::weights::DeviceWeights;
@@ -62,11 +62,21 @@ impl StepBuffers {
 
 /// What the rows of a forward pass are: a prompt's tokens (a row attends to the rows before it,
 /// so every row's K/V is in the cache before attention), or one token per sequence (attention
-/// may then prepare each row's query and write its K/V itself: `FOLDED_ATTENTION_MAX_ROWS`).
+/// may then prepare each row's query and write its K/V itself: `FOLDED_ATTENTION_MAX_ROWS`),
+/// alone or in one of concurrent chains of rows (`chained_layers`).
 #[derive(Clone, Copy)]
 enum Tokens {
     Prefill,
-    Decode,
+    Decode(Placement),
+}
+
+impl Tokens {
+    fn placement(self) -> Placement {
+        match self {
+            Tokens::Prefill => Placement::Alone,
+            Tokens::Decode(placement) => placement,
+        }
+    }
 }
 
 /// Decode chains of up to this many rows run q/k norm + RoPE inside attention, one launch fewer
@@ -195,15 +205,15 @@ impl Forward {
     }
 
     /// Independent chains of layer kernels a decode step of `m` rows runs in: one fused chain
-    /// up to 16 rows, two chains of up to 16 rows up to 32, then one chain per 64 rows (at most
-    /// `sides` + 1). Chains of 17-63 rows measured worse: at 64 rows two chains of 32 (the skinny
-    /// products at 32 rows) reached 20,349 tok/s against one chain's 26,458; at 32 rows two
-    /// chains of 16 reached 18,357 against 16,896; at 256, four chains 44,452 against two's
-    /// 41,983 (context 512, H200).
+    /// up to 16 rows, two chains up to 64 rows, then one chain per 64 rows (at most `sides` +
+    /// 1). Measured (context 512, H200): at 32 rows two chains of 16 reached 18,357 tok/s
+    /// against one chain's 16,896; at 64 rows two chains of 32 with tiled products (`Placement`)
+    /// 27,936 against one chain's 27,250 (20,349 with skinny ones); at 128 rows four chains of
+    /// 32 36,690 against two of 64's 38,807; at 256, four chains 44,452 against two's 41,983.
     fn chains(&self, m: usize) -> usize {
         let chains = if m <= DECODE_LAYER_MAX_ROWS {
             1
-        } else if m <= 2 * DECODE_LAYER_MAX_ROWS {
+        } else if m <= 64 {
             2
         } else {
             m / 64
@@ -225,12 +235,17 @@ impl Forward {
     ) -> Result<()> {
         let per_chain = m.div_ceil(chains);
         let sides = &self.sides[..chains - 1];
+        let tokens = Tokens::Decode(if chains > 1 {
+            Placement::BesideChain
+        } else {
+            Placement::Alone
+        });
         for (i, side) in sides.iter().enumerate() {
             let rows = (i + 1) * per_chain..((i + 2) * per_chain).min(m);
             side.stream.join(&self.gpu.stream)?;
-            self.layer_rows(side, bufs, cache, rows, splits, Tokens::Decode)?;
+            self.layer_rows(side, bufs, cache, rows, splits, tokens)?;
         }
-        self.layer_rows(&self.gpu, bufs, cache, 0..per_chain, splits, Tokens::Decode)?;
+        self.layer_rows(&self.gpu, bufs, cache, 0..per_chain, splits, tokens)?;
         for side in sides {
             self.gpu.stream.join(&side.stream)?;
         }
@@ -298,6 +313,7 @@ impl Forward {
                 &mut h,
                 (m, QKV_WIDTH, HIDDEN),
                 NormEpilogue::Store,
+                tokens.placement(),
             )?;
             let (mut k, mut v) = cache.layer_mut(i);
             let layer_cache = LayerCache {
@@ -305,7 +321,7 @@ impl Forward {
                 v: &mut v,
             };
             match tokens {
-                Tokens::Decode if m <= FOLDED_ATTENTION_MAX_ROWS => kernels::decode_attention(
+                Tokens::Decode(_) if m <= FOLDED_ATTENTION_MAX_ROWS => kernels::decode_attention(
                     gpu,
                     &mut attn,
                     &mut partials,
@@ -351,6 +367,7 @@ impl Forward {
                 layer.o.view(),
                 (m, HIDDEN, Q_WIDTH),
                 Epilogue::AddResidual,
+                tokens.placement(),
             )?;
             kernels::norm_linear(
                 gpu,
@@ -362,6 +379,7 @@ impl Forward {
                 &mut h,
                 (m, 2 * INTERMEDIATE, HIDDEN),
                 NormEpilogue::SwiGlu,
+                tokens.placement(),
             )?;
             kernels::linear(
                 gpu,
@@ -370,6 +388,7 @@ impl Forward {
                 layer.down.view(),
                 (m, HIDDEN, INTERMEDIATE),
                 Epilogue::AddResidual,
+                tokens.placement(),
             )?;
         }
         Ok(())
@@ -395,6 +414,7 @@ impl Forward {
             &mut bufs.h,
             (m, c.vocab, HIDDEN),
             NormEpilogue::Store,
+            Placement::Alone,
         )
     }
 }

@@ -36,7 +36,7 @@ pub const PARTIAL_FLOATS: usize = ffi::BI_PARTIAL_FLOATS as usize;
 pub const MAX_SPLITS: usize = ffi::BI_MAX_SPLITS as usize;
 pub const FUSED_DECODE_MIN_SMS: usize = ffi::BI_FUSED_DECODE_MIN_SMS as usize;
 /// Products of up to this many rows run skinny, their per-row arithmetic independent of m (the
-/// layer products up to twice as many); larger ones tiled.
+/// layer products up to twice as many when alone: `Placement`); larger ones tiled.
 pub const SKINNY_ROWS: usize = ffi::BI_SKINNY_ROWS as usize;
 pub const SAMPLE_CHUNKS: usize = ffi::BI_SAMPLE_CHUNKS as usize;
 pub const MAX_TOP_K: usize = ffi::BI_MAX_TOP_K as usize;
@@ -155,6 +155,24 @@ pub enum Epilogue {
     AddResidual,
 }
 
+/// What runs beside a product, which picks the kernel of a layer product of 17-32 rows
+/// (`bi_placement`): `Alone` runs it skinny, its RMSNorm fused; `BesideChain` (a decode step's
+/// concurrent chains of rows) tiled.
+#[derive(Clone, Copy, Debug)]
+pub enum Placement {
+    Alone,
+    BesideChain,
+}
+
+impl Placement {
+    fn raw(self) -> ffi::bi_placement {
+        match self {
+            Placement::Alone => ffi::bi_placement_BI_PLACEMENT_ALONE,
+            Placement::BesideChain => ffi::bi_placement_BI_PLACEMENT_BESIDE_CHAIN,
+        }
+    }
+}
+
 fn fits<T>(buffer: &impl DeviceSlice<T>, needed: usize, name: &str) -> Result<()> {
     ensure!(
         buffer.len() >= needed,
@@ -243,6 +261,7 @@ pub fn linear(
     w: MatrixRef<'_>,
     (m, n, k): (usize, usize, usize),
     epilogue: Epilogue,
+    placement: Placement,
 ) -> Result<()> {
     fits(out, m * n, "linear out")?;
     fits(a, m * k, "linear a")?;
@@ -262,6 +281,7 @@ pub fn linear(
             ni,
             ki,
             kind,
+            placement.raw(),
             gpu.raw_stream(),
         )
     };
@@ -269,7 +289,7 @@ pub fn linear(
 }
 
 /// out f32 [m, n] (= or +=) rmsnorm(x[m, k]) * norm . w[n, k]^T: RMSNorm fused in front of the
-/// product (`scratch` [m, k] bf16 holds the normalized rows when m > SKINNY_ROWS).
+/// product (`scratch` [m, k] bf16 holds the normalized rows when the product runs tiled).
 #[allow(clippy::too_many_arguments)]
 pub fn norm_linear<O>(
     gpu: &Gpu,
@@ -281,6 +301,7 @@ pub fn norm_linear<O>(
     scratch: &mut impl DevicePtrMut<u16>,
     (m, n, k): (usize, usize, usize),
     epilogue: NormEpilogue,
+    placement: Placement,
 ) -> Result<()> {
     let out_len = match epilogue {
         NormEpilogue::Store => m * n,
@@ -309,6 +330,7 @@ pub fn norm_linear<O>(
             ni,
             ki,
             kind,
+            placement.raw(),
             gpu.raw_stream(),
         )
     };
