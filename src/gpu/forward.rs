@@ -208,8 +208,10 @@ impl Forward {
     /// up to 16 rows, two chains up to 64 rows, then one chain per 64 rows (at most `sides` +
     /// 1). Measured (context 512, H200): at 32 rows two chains of 16 reached 18,357 tok/s
     /// against one chain's 16,896; at 64 rows two chains of 32 with tiled products (`Placement`)
-    /// 27,936 against one chain's 27,250 (20,349 with skinny ones); at 128 rows four chains of
-    /// 32 36,690 against two of 64's 38,807; at 256, four chains 44,452 against two's 41,983.
+    /// 27,920 against one chain's 27,221 (with skinny products, in an earlier build, 20,349
+    /// against 26,458); at 128 rows four chains of 32 36,690 against two of 64's 38,807, three
+    /// chains 38,273 against 39,139; at 256, four chains 44,452 against two's 41,983, three
+    /// 44,076 against four's 46,691.
     fn chains(&self, m: usize) -> usize {
         let chains = if m <= DECODE_LAYER_MAX_ROWS {
             1
