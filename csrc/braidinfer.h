@@ -83,8 +83,8 @@ typedef enum {
 
 /* out = a . w^T on tensor cores with f32 accumulation, then the epilogue.
  * a: [m, k] bf16; w: [n, k]. n must be a multiple of 16 and k of 64; a skinny product (m <=
- * BI_SKINNY_ROWS, or up to twice that alone with n <= 8192) needs k a multiple of 512 (of 128
- * when n > 8192). */
+ * BI_SKINNY_ROWS, or up to twice that alone with n <= 8192) needs k a multiple of 512 (of 256
+ * when n > 8192), twice that with INT8 weights. */
 cudaError_t bi_linear(void *out, const bi_bf16 *a, bi_matrix w, int m, int n, int k,
                       bi_epilogue epilogue, bi_placement placement, cudaStream_t stream);
 

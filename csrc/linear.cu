@@ -47,18 +47,20 @@ struct SkinnyArgs {
     __device__ bi::Activations activations() const { return {a, norm, m, k}; }
 };
 
-// Unroll: 32-column chunks of bf16 weights whose loads a thread has in flight at once (twice as
-// many chunks of INT8 weights: the same bytes).
+// Unroll: 16-byte weight loads per weight row a thread has in flight at once. A load spans
+// kSpan columns of the warp's k range: lane q's bytes are columns kSpan * l + 8 * kPerLoad * q
+// and on (one 32-column chunk per load of bf16 weights; two of INT8 ones, whose 8-byte loads
+// had the load queue throttle the SMs: the LM head streamed at 41% of the copy bandwidth).
 template <int MT, int TN, int Warps, int Unroll, int Epilogue, bool Norm, typename W>
 __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs args) {
     using Chunk = bi::WeightChunk<W>;
-    constexpr int kLoads = Unroll * sizeof(bi_bf16) / sizeof(W);
+    constexpr int kPerLoad = Chunk::kPerLoad, kSpan = kChunk * kPerLoad;
     static_assert(Warps * MT * TN <= 64, "the cross-warp reduction must fit 32 KiB of shared memory");
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const int g = lane / 4, q = lane % 4;  // mma fragment coordinates
     const int n0 = blockIdx.x * 8 * TN;
     const int k_warp = args.k / Warps;
-    const int k_begin = warp * k_warp + 8 * q;
+    const int k_begin = warp * k_warp + 8 * kPerLoad * q;
 
     bi::allow_next_kernel();
     __shared__ float inv_rms[MT * 16];
@@ -68,13 +70,13 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
     for (int t = 0; t < TN; ++t)
         w_rows[t] = static_cast<const W *>(args.w.values) + static_cast<size_t>(n0 + t * 8 + g) * args.k + k_begin;
 
-    for (int c0 = 0; c0 < k_warp; c0 += kChunk * kLoads) {
-        typename Chunk::Raw wv[kLoads][TN];
+    for (int c0 = 0; c0 < k_warp; c0 += kSpan * Unroll) {
+        uint4 wv[Unroll][TN];
 #pragma unroll
-        for (int u = 0; u < kLoads; ++u)
+        for (int l = 0; l < Unroll; ++l)
 #pragma unroll
             for (int t = 0; t < TN; ++t)
-                wv[u][t] = c0 + u * kChunk < k_warp ? Chunk::stream(w_rows[t] + c0 + u * kChunk) : typename Chunk::Raw{};
+                wv[l][t] = c0 + l * kSpan < k_warp ? bi::load_stream(w_rows[t] + c0 + l * kSpan) : uint4{};
         if (c0 == 0) {
             // Weights never depend on the previous kernel: the first loads are in flight before
             // the wait for the activations it writes.
@@ -85,16 +87,17 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
             }
         }
 #pragma unroll
-        for (int u = 0; u < kLoads; ++u) {
-            if (c0 + u * kChunk >= k_warp) break;
-            const int col = k_begin + c0 + u * kChunk;
+        for (int u = 0; u < Unroll * kPerLoad; ++u) {
+            const int l = u / kPerLoad, part = u % kPerLoad;
+            if (c0 + l * kSpan >= k_warp) break;
+            const int col = k_begin + c0 + l * kSpan + 8 * part;
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 const uint4 lo = bi::a_chunk<Norm>(args.activations(), mt * 16 + g, col, inv_rms);
                 const uint4 hi = bi::a_chunk<Norm>(args.activations(), mt * 16 + g + 8, col, inv_rms);
 #pragma unroll
                 for (int t = 0; t < TN; ++t) {
-                    const uint4 b = Chunk::bf16(wv[u][t]);
+                    const uint4 b = Chunk::bf16(Chunk::part(wv[l][t], part));
                     mma_bf16(acc[mt][t], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
                     mma_bf16(acc[mt][t], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
                 }
@@ -434,10 +437,12 @@ constexpr int fitted_warps(int base, int mt, int tn) { return base * mt * tn <= 
 template <int MT, int TN, int BaseWarps, int Unroll, int Epilogue, bool Norm>
 cudaError_t launch_skinny_shape(const SkinnyArgs &args, bi::Start start, cudaStream_t stream) {
     constexpr int warps = fitted_warps(BaseWarps, MT, TN);
-    if (args.k % (warps * kChunk) != 0 || args.n % (8 * TN) != 0) return cudaErrorInvalidValue;
+    if (args.n % (8 * TN) != 0) return cudaErrorInvalidValue;
     return bi::with_weight_type(args.w, [&](auto type) {
-        return bi::launch_from(start, skinny_kernel<MT, TN, warps, Unroll, Epilogue, Norm, decltype(type)>,
-                               dim3(args.n / (8 * TN)), dim3(warps * bi::kWarp), 0, stream, dim3(1, 1, 1), args);
+        using W = decltype(type);
+        if (args.k % (warps * kChunk * bi::WeightChunk<W>::kPerLoad) != 0) return cudaErrorInvalidValue;
+        return bi::launch_from(start, skinny_kernel<MT, TN, warps, Unroll, Epilogue, Norm, W>, dim3(args.n / (8 * TN)),
+                               dim3(warps * bi::kWarp), 0, stream, dim3(1, 1, 1), args);
     });
 }
 

@@ -66,7 +66,8 @@ __device__ __forceinline__ uint32_t biased_bytes_to_bf16x2(uint32_t biased) {
 // Two int8 weights (the low 16 bits) as a bf16 pair.
 __device__ __forceinline__ uint32_t int8x2_to_bf16x2(uint32_t two) { return biased_bytes_to_bf16x2<0>(two ^ 0x8080u); }
 
-// Eight consecutive weights of a row: the bits as loaded (Raw) and as four bf16 pairs.
+// Eight consecutive weights of a row: the bits as stored (Raw) and as four bf16 pairs; a 16-byte
+// streaming load (load_stream) holds kPerLoad of them, part(loaded, i) being the i-th.
 template <typename W>
 struct WeightChunk;
 
@@ -74,7 +75,8 @@ template <>
 struct WeightChunk<bi_bf16> {
     using Raw = uint4;
     static constexpr bool kScaled = false;
-    __device__ static __forceinline__ Raw stream(const bi_bf16 *p) { return load_stream(p); }
+    static constexpr int kPerLoad = 1;
+    __device__ static __forceinline__ Raw part(uint4 loaded, int) { return loaded; }
     __device__ static __forceinline__ uint4 bf16(Raw raw) { return raw; }
 };
 
@@ -82,10 +84,9 @@ template <>
 struct WeightChunk<int8_t> {
     using Raw = uint2;
     static constexpr bool kScaled = true;
-    __device__ static __forceinline__ Raw stream(const int8_t *p) {
-        uint2 v;
-        asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
-        return v;
+    static constexpr int kPerLoad = 2;
+    __device__ static __forceinline__ Raw part(uint4 loaded, int i) {
+        return i == 0 ? make_uint2(loaded.x, loaded.y) : make_uint2(loaded.z, loaded.w);
     }
     __device__ static __forceinline__ uint4 bf16(Raw raw) {
         const uint32_t lo = raw.x ^ 0x80808080u, hi = raw.y ^ 0x80808080u;
