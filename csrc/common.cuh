@@ -73,6 +73,12 @@ inline cudaError_t multiprocessors(int &sms) {
     return e != cudaSuccess ? e : cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
 }
 
+inline cudaError_t l2_bytes(int &bytes) {
+    int device = 0;
+    const cudaError_t e = cudaGetDevice(&device);
+    return e != cudaSuccess ? e : cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device);
+}
+
 // Whether the current device is compute capability 9.0 (sm_90a code runs there only).
 inline cudaError_t is_hopper(bool &hopper) {
     int device = 0, major = 0, minor = 0;

@@ -209,6 +209,17 @@ struct TiledArgs {
     const bi_bf16 *a;  // [m, k]
     bi_matrix w;       // [n, k]
     int m, n, k;
+    // The grid's order (launch_tiles sets it): row tiles along x where the weights outgrow L2,
+    // so that the row tiles of one weight tile run side by side and it comes from DRAM once (the
+    // LM head at 256 rows: 214.5 -> 177.8 us, its two 128-row tiles having each read all 311 MB;
+    // H200); column tiles along x otherwise (prefill of 2,000 tokens, whose products fit L2:
+    // 45,524 tok/s, against 45,328 with row tiles along x).
+    bool rows_along_x;
+
+    // Row and column of this block's tile's first element.
+    __device__ int2 origin(int bm) const {
+        return rows_along_x ? make_int2(blockIdx.x * bm, blockIdx.y * kTileN) : make_int2(blockIdx.y * bm, blockIdx.x * kTileN);
+    }
 };
 
 // This thread's 16-byte copies of a stage's Rows x kTiledK slice of a [rows, k] matrix, rows
@@ -347,7 +358,7 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(TiledArgs args) {
     extern __shared__ __align__(16) unsigned char smem[];
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp;
     const int wm = warp / 4, wn = warp % 4;  // warp tile: rows wm*BM/2.., cols wn*kTileN/4..
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * kTileN;
+    const int m0 = args.origin(BM).x, n0 = args.origin(BM).y;
     bi::allow_next_kernel();
 
     const TileCopy<bi_bf16, BM> a_copy(args.a, m0, args.m, args.k, [](int r, int c) { return (r * T::kAPitch + c * 8) * 2; });
@@ -403,7 +414,7 @@ __global__ void __launch_bounds__(kTiledThreads) wgmma_kernel(TiledArgs args) {
     const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned)) % wgmma::kAlign;
     unsigned char *smem = smem_unaligned + (wgmma::kAlign - misalign) % wgmma::kAlign;
     const int wg = threadIdx.x / 128, warp = threadIdx.x / bi::kWarp % 4, lane = threadIdx.x % bi::kWarp;
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * kTileN;
+    const int m0 = args.origin(BM).x, n0 = args.origin(BM).y;
     bi::allow_next_kernel();
 
     const TileCopy<bi_bf16, BM> a_copy(args.a, m0, args.m, args.k, wgmma::swizzled);
@@ -492,8 +503,14 @@ cudaError_t launch_tiles(void (*kernel)(TiledArgs), size_t smem, const TiledArgs
     if (e != cudaSuccess) return e;
     const int tiles_n = (args.n + kTileN - 1) / kTileN, tiles_m = (args.m + BM - 1) / BM;
     const int splits = split_count(tiles_n * tiles_m, args.k / kTiledK, sms);
-    return bi::launch_clustered(kernel, dim3(tiles_n, tiles_m, splits), dim3(kTiledThreads), smem, stream,
-                                dim3(1, 1, splits), args);
+    int l2 = 0;
+    if (const cudaError_t e = bi::l2_bytes(l2); e != cudaSuccess) return e;
+    TiledArgs ordered = args;
+    const size_t weight_bytes = static_cast<size_t>(args.n) * args.k * (args.w.scales != nullptr ? 1 : 2);  // INT8 or bf16
+    ordered.rows_along_x = weight_bytes > static_cast<size_t>(l2);
+    const dim3 grid = ordered.rows_along_x ? dim3(tiles_m, tiles_n, splits) : dim3(tiles_n, tiles_m, splits);
+    if (grid.y > 65535) return cudaErrorInvalidConfiguration;
+    return bi::launch_clustered(kernel, grid, dim3(kTiledThreads), smem, stream, dim3(1, 1, splits), ordered);
 }
 
 // bf16 weights on a Hopper GPU (what sm_90a code runs on): wgmma; otherwise mma.sync.
@@ -534,7 +551,7 @@ cudaError_t launch_linear(const SkinnyArgs &args, bi_placement placement, bi_bf1
         if (e != cudaSuccess) return e;
         a = scratch;
     }
-    return launch_tiled<Epilogue>(TiledArgs{args.out, a, args.w, args.m, args.n, args.k}, stream);
+    return launch_tiled<Epilogue>(TiledArgs{args.out, a, args.w, args.m, args.n, args.k, false}, stream);
 }
 
 template <bool Norm>

@@ -104,13 +104,24 @@ fn bits_to_f32(bits: &[u16]) -> Vec<f32> {
 /// a [m, k] . w[n, k]^T in f64, from the bf16 values.
 fn matmul_ref(a: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut out = vec![0.0; m * n];
-    for r in 0..m {
-        for c in 0..n {
-            out[r * n + c] = (0..k)
-                .map(|i| a[r * k + i] as f64 * w[c * k + i] as f64)
-                .sum::<f64>() as f32;
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let rows_per_thread = m.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (chunk, rows) in out.chunks_mut(rows_per_thread * n).enumerate() {
+            scope.spawn(move || {
+                for (i, out_row) in rows.chunks_mut(n).enumerate() {
+                    let a_row = &a[(chunk * rows_per_thread + i) * k..][..k];
+                    for (c, v) in out_row.iter_mut().enumerate() {
+                        *v = a_row
+                            .iter()
+                            .zip(&w[c * k..(c + 1) * k])
+                            .map(|(&x, &y)| x as f64 * y as f64)
+                            .sum::<f64>() as f32;
+                    }
+                }
+            });
         }
-    }
+    });
     out
 }
 
@@ -380,7 +391,8 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
     // beside another chain, m = 24 with n = 9216, 33, 40, 64, 65, 200, 256 here), with the
     // model's k and both n paths, for bf16 and INT8 weights; n = 1040 and n = 384 end in a
     // partial tile; n > 8192 at m <= 16 is the LM head's skinny shape (32-row blocks up to m = 8,
-    // 64-row blocks above). Products of 17-32 rows run with both placements.
+    // 64-row blocks above). Products of 17-32 rows run with both placements. (129, 53264, 1024):
+    // weights larger than L2 (bf16 and INT8), whose grid runs row tiles along x.
     let placements = |m: usize| {
         if (17..=32).contains(&m) {
             vec![Placement::Alone, Placement::BesideChain]
@@ -400,6 +412,7 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
             (65, 256, 1024),
             (200, 384, 3072),
             (256, 1024, 3072),
+            (129, 53_264, 1024),
         ] {
             for placement in placements(dims.0) {
                 run_linear_case(&gpu, &mut rng, dims, int8, placement);
