@@ -2,8 +2,8 @@
 // blocks of `split_kernel` each cover one range of positions for one kv head (both of its query
 // heads, so every K/V row is read once); the last block of a (row, kv head) to finish merges
 // the ranges (a completion counter instead of a second launch).
-// The same kernel serves rows whose q bi_qk_norm_rope_cache prepared (prefill: one row per
-// prompt token; decode chains of more than 16 rows) and, as bi_decode_attention, decode rows
+// The same kernel serves rows whose q bi_qk_norm_rope_cache prepared (decode chains of more
+// than 16 rows; a prompt's rows go to prefill_attention.cu) and, as bi_decode_attention, decode rows
 // that it prepares itself (one row per sequence: each block normalizes and rotates its query
 // heads from the qkv product, and the range that ends at the row's position writes the row's
 // new K/V, which no other row reads; one launch fewer per layer; src/gpu/forward.rs says where

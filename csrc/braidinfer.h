@@ -119,6 +119,14 @@ cudaError_t bi_attention(bi_bf16 *out, float *partials, int32_t *counters, const
                          const int32_t *block_tables, int m, int max_blocks, int splits,
                          cudaStream_t stream);
 
+/* bi_attention for the rows of one prompt (prefill): every row belongs to sequence row_seq[0]
+ * (its other entries are not read); blocks of 64 rows share each K/V tile (flash attention), so
+ * a prompt's K/V is read once per 64 rows instead of once per row. Arguments as bi_attention's,
+ * without the workspaces and splits. */
+cudaError_t bi_prefill_attention(bi_bf16 *out, const bi_bf16 *q, const bi_bf16 *k_cache, const bi_bf16 *v_cache,
+                                 const int32_t *positions, const int32_t *row_seq, const int32_t *block_tables, int m,
+                                 int max_blocks, cudaStream_t stream);
+
 /* Decode attention with bi_qk_norm_rope_cache's work folded in: every row is a different
  * sequence's next token, so each (row, kv head) prepares its query heads from qkv itself, and
  * the range that ends at the row's position writes the row's new K and V into the cache (no

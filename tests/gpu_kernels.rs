@@ -713,6 +713,75 @@ fn gpu_attention_matches_reference_across_lengths_and_splits() {
     }
 }
 
+/// Prefill attention (64-row blocks sharing K/V tiles) against the CPU: a prompt from position
+/// 0 (one row, then 130 rows: a partial last block) and a later chunk of 200 rows (positions
+/// 37..236, the first 37 already in the cache), the last row of which is padding.
+#[test]
+fn gpu_prefill_attention_matches_reference() {
+    let Some(gpu) = common::gpu_or_skip("gpu_prefill_attention_matches_reference") else {
+        return;
+    };
+    let mut rng = common::fresh_rng("gpu_prefill_attention");
+    let config = ModelConfig::qwen3_0_6b();
+    let max_blocks = 16;
+    let (tables, k_bits, v_bits) = random_paged_cache(&mut rng, 2, max_blocks);
+    let (k_all, v_all) = (bits_to_f32(&k_bits), bits_to_f32(&v_bits));
+    let d_tables = gpu.upload(&tables).unwrap();
+    let (d_k, d_v) = (gpu.upload(&k_bits).unwrap(), gpu.upload(&v_bits).unwrap());
+    for (start, m, seq) in [(0usize, 1usize, 1i32), (0, 130, 1), (37, 200, 0)] {
+        let mut positions: Vec<i32> = (start..start + m).map(|p| p as i32).collect();
+        if m == 200 {
+            positions[m - 1] = -1;
+        }
+        // row_seq past the first row is never read: poison it.
+        let mut row_seq = vec![-7; m];
+        row_seq[0] = seq;
+        let q_bits = random_bf16(&mut rng, m * 2048, 1.0);
+        let q = bits_to_f32(&q_bits);
+        let (d_pos, d_seq, d_q) = (
+            gpu.upload(&positions).unwrap(),
+            gpu.upload(&row_seq).unwrap(),
+            gpu.upload(&q_bits).unwrap(),
+        );
+        let rows = Rows {
+            positions: &d_pos,
+            row_seq: &d_seq,
+            block_tables: &d_tables,
+            max_blocks,
+            m,
+        };
+        let mut d_out = gpu.upload(&vec![POISON_BF16; m * 2048]).unwrap();
+        kernels::prefill_attention(&gpu, &mut d_out, &d_q, &d_k, &d_v, &rows).unwrap();
+        let out = bits_to_f32(&gpu.download(&d_out).unwrap());
+        common::assert_all_finite(&out, "prefill attention out");
+        let table = &tables[seq as usize * max_blocks..];
+        for r in 0..m {
+            let got = &out[r * 2048..(r + 1) * 2048];
+            if positions[r] < 0 {
+                assert!(
+                    got.iter().all(|&v| v == 0.0),
+                    "padding row {r} must be zeros"
+                );
+                continue;
+            }
+            let len = positions[r] as usize + 1;
+            let want = attention(
+                &config,
+                &q[r * 2048..(r + 1) * 2048],
+                &gather_positions(&k_all, table, len),
+                &gather_positions(&v_all, table, len),
+            );
+            let err = common::rel_l2(got, &want);
+            // bf16 output and bf16 softmax weights in P.V (2^-9 relative rounding each) over
+            // f32 math.
+            assert!(
+                err < 4e-3,
+                "start {start}, row {r} (length {len}): relative L2 {err:.2e}"
+            );
+        }
+    }
+}
+
 /// Decode attention prepares each row's queries from the qkv product, writes exactly the rows'
 /// new K/V into the cache and attends to them (every row a different sequence).
 #[test]

@@ -254,8 +254,9 @@ impl Forward {
         Ok(())
     }
 
-    /// Embedding and every layer for the first `m` rows, kernel by kernel (prefill); K/V of the
-    /// rows go into `cache`, and `bufs.x` ends holding the final residual stream.
+    /// Embedding and every layer for the first `m` rows, kernel by kernel (prefill: the rows are
+    /// one sequence's prompt tokens, as `kernels::prefill_attention` needs); K/V of the rows go
+    /// into `cache`, and `bufs.x` ends holding the final residual stream.
     pub fn layers(
         &self,
         bufs: &mut StepBuffers,
@@ -349,17 +350,21 @@ impl Forward {
                         &rows,
                         c.rms_eps,
                     )?;
-                    kernels::attention(
-                        gpu,
-                        &mut attn,
-                        &mut partials,
-                        &mut counters,
-                        &q,
-                        &k,
-                        &v,
-                        &rows,
-                        splits,
-                    )?;
+                    if let Tokens::Prefill = tokens {
+                        kernels::prefill_attention(gpu, &mut attn, &q, &k, &v, &rows)?;
+                    } else {
+                        kernels::attention(
+                            gpu,
+                            &mut attn,
+                            &mut partials,
+                            &mut counters,
+                            &q,
+                            &k,
+                            &v,
+                            &rows,
+                            splits,
+                        )?;
+                    }
                 }
             }
             kernels::linear(

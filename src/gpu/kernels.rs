@@ -451,6 +451,38 @@ pub fn attention<P: DevicePtr<i32>>(
     check(code, "bi_attention")
 }
 
+/// `attention` for the rows of one prompt (every row of sequence `row_seq[0]`), flash-style:
+/// blocks of 64 rows share each K/V tile (csrc/prefill_attention.cu).
+pub fn prefill_attention<P: DevicePtr<i32>>(
+    gpu: &Gpu,
+    out: &mut impl DevicePtrMut<u16>,
+    q: &impl DevicePtr<u16>,
+    k_cache: &impl DevicePtr<u16>,
+    v_cache: &impl DevicePtr<u16>,
+    rows: &Rows<'_, P>,
+) -> Result<()> {
+    rows.check()?;
+    fits(out, rows.m * Q_WIDTH, "attention out")?;
+    fits(q, rows.m * Q_WIDTH, "attention q")?;
+    let (m, max_blocks) = (dim(rows.m, "m")?, dim(rows.max_blocks, "max_blocks")?);
+    // SAFETY: lengths checked above; block ids come from the host allocator; pointers are live.
+    let code = unsafe {
+        ffi::bi_prefill_attention(
+            pm(gpu, out),
+            p(gpu, q),
+            p(gpu, k_cache),
+            p(gpu, v_cache),
+            p(gpu, rows.positions),
+            p(gpu, rows.row_seq),
+            p(gpu, rows.block_tables),
+            m,
+            max_blocks,
+            gpu.raw_stream(),
+        )
+    };
+    check(code, "bi_prefill_attention")
+}
+
 /// Decode attention with `qk_norm_rope_cache`'s work folded in (every row a different
 /// sequence's next token): the same output as the two kernels, without q; the rows' new K/V
 /// rows go into `cache`.
