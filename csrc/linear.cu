@@ -25,7 +25,9 @@
 
 namespace {
 
+using bi::cp_async16;
 using bi::kChunk;
+using bi::ldmatrix_x4;
 using bi::mma_bf16;
 using bi::store_pair;
 namespace wgmma = bi::wgmma;
@@ -190,19 +192,6 @@ struct WgmmaTile {
     static_assert(kFragments * 4 * kTiledThreads * 4 <= kStages * kStageBytes, "split k's partials fit the stages");
     static_assert(kStages >= 3, "the pipeline needs three stages");
 };
-
-__device__ __forceinline__ void cp_async16(void *smem, const void *global, bool valid) {
-    const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    const int bytes = valid ? 16 : 0;  // 0: fill with zeros (rows past m or n)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global), "r"(bytes));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *smem) {
-    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
 
 struct TiledArgs {
     void *out;

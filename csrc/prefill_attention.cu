@@ -6,7 +6,7 @@
 // The decode kernel (attention.cu), which prefill used before, reads every row's K/V range on
 // its own: a prompt of n tokens read ~n^2 / 2 K/V rows per layer, and a 2,000-token prefill took
 // 44.3 ms (45,181 tok/s); with this kernel 9.8 ms (204,143 tok/s; H200, benches/decode.rs).
-#include "attention.cuh"  // kv_row, kGroup
+#include "attention.cuh"  // kv_row, kGroup; matvec.cuh: mma, cp.async, ldmatrix
 
 namespace {
 
@@ -25,24 +25,6 @@ constexpr int kKeyTiles = kKeys / 8;                // n8 tiles of the scores
 static_assert(kRows == 4 * 16 && kWarps == 4 * kGroup, "four row groups per query head");
 static_assert(kKeys % BI_BLOCK_TOKENS == 0, "a tile holds whole cache blocks");
 
-__device__ __forceinline__ void cp_async16(void *smem, const void *global) {
-    const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global));
-}
-
-template <bool Trans>
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bi_bf16 *smem) {
-    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    if constexpr (Trans)
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(addr));
-    else
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(addr));
-}
-
 // Positions [first, first + kKeys) of kv head h into `k` and `v` (positions past `last` repeat
 // it: the scores mask them). 16-byte chunks, 4 + 4 per thread.
 __device__ __forceinline__ void load_tile(bi_bf16 *k, bi_bf16 *v, const bi_bf16 *k_cache, const bi_bf16 *v_cache,
@@ -51,8 +33,8 @@ __device__ __forceinline__ void load_tile(bi_bf16 *k, bi_bf16 *v, const bi_bf16 
     for (int i = threadIdx.x; i < kKeys * kChunks; i += kThreads) {
         const int key = i / kChunks, chunk = i % kChunks, pos = min(first + key, last);
         const size_t at = kv_row(table[pos / BI_BLOCK_TOKENS], kv_head, pos) + chunk * 8;
-        cp_async16(k + key * kPitch + chunk * 8, k_cache + at);
-        cp_async16(v + key * kPitch + chunk * 8, v_cache + at);
+        bi::cp_async16(k + key * kPitch + chunk * 8, k_cache + at);
+        bi::cp_async16(v + key * kPitch + chunk * 8, v_cache + at);
     }
     asm volatile("cp.async.commit_group;\n");
 }
@@ -120,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(bi_bf16 *__restrict__
             for (int j = 0; j < kKeyTiles; j += 2) {  // matrices: (keys 8j.., dims 16 step), (.., + 8), (keys 8j + 8.., ..)
                 uint32_t b[4];
                 const int mat = lane / 8;
-                ldmatrix_x4<false>(b, k + (8 * j + 8 * (mat / 2) + lane % 8) * kPitch + 16 * step + 8 * (mat % 2));
+                bi::ldmatrix_x4(b, k + (8 * j + 8 * (mat / 2) + lane % 8) * kPitch + 16 * step + 8 * (mat % 2));
                 bi::mma_bf16(s[j], qa[step][0], qa[step][1], qa[step][2], qa[step][3], b[0], b[1]);
                 bi::mma_bf16(s[j + 1], qa[step][0], qa[step][1], qa[step][2], qa[step][3], b[2], b[3]);
             }
@@ -171,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(bi_bf16 *__restrict__
             for (int d = 0; d < kDimTiles; d += 2) {  // matrices: (keys 16 i.., dims 8 d), (keys 16 i + 8.., ..), (.., dims 8 d + 8), ..
                 uint32_t b[4];
                 const int mat = lane / 8;
-                ldmatrix_x4<true>(b, v + (16 * i + 8 * (mat % 2) + lane % 8) * kPitch + 8 * d + 8 * (mat / 2));
+                bi::ldmatrix_x4<true>(b, v + (16 * i + 8 * (mat % 2) + lane % 8) * kPitch + 8 * d + 8 * (mat / 2));
                 bi::mma_bf16(acc[d], pa[i][0], pa[i][1], pa[i][2], pa[i][3], b[0], b[1]);
                 bi::mma_bf16(acc[d + 1], pa[i][0], pa[i][1], pa[i][2], pa[i][3], b[2], b[3]);
             }
