@@ -636,7 +636,6 @@ fn gpu_attention_matches_reference_across_lengths_and_splits() {
         return;
     };
     let mut rng = common::fresh_rng("gpu_attention");
-    let config = ModelConfig::qwen3_0_6b();
     let max_blocks = 80;
     let (tables, k_bits, v_bits) = random_paged_cache(&mut rng, 4, max_blocks);
     let (k_all, v_all) = (bits_to_f32(&k_bits), bits_to_f32(&v_bits));
@@ -686,30 +685,53 @@ fn gpu_attention_matches_reference_across_lengths_and_splits() {
             "completion counters must return to zero"
         );
         common::assert_all_finite(&out, "attention out");
-        for r in 0..m {
-            let got = &out[r * 2048..(r + 1) * 2048];
-            if positions[r] < 0 {
-                assert!(
-                    got.iter().all(|&v| v == 0.0),
-                    "padding row {r} must be zeros"
-                );
-                continue;
-            }
-            let len = positions[r] as usize + 1;
-            let table = &tables[row_seq[r] as usize * max_blocks..];
-            let want = attention(
-                &config,
-                &q[r * 2048..(r + 1) * 2048],
-                &gather_positions(&k_all, table, len),
-                &gather_positions(&v_all, table, len),
-            );
-            let err = common::rel_l2(got, &want);
-            // bf16 output (2^-9 relative rounding) over f32 math.
+        let table = |r: usize| &tables[row_seq[r] as usize * max_blocks..];
+        let cache = (k_all.as_slice(), v_all.as_slice());
+        assert_attention_rows(
+            &out,
+            &q,
+            &positions,
+            table,
+            cache,
+            &format!("{splits} splits"),
+        );
+    }
+}
+
+/// Attention rows [m, 2048] against the CPU (`attention` over positions 0..=positions[r] of the
+/// row's block table, `table(r)`, in the paged `cache` (K, V)): padding rows (negative
+/// position) must be zeros, the others within 4e-3 relative L2 (bf16 output, and in prefill
+/// attention bf16 softmax weights in P.V: 2^-9 relative rounding each, over f32 math).
+fn assert_attention_rows<'t>(
+    out: &[f32],
+    q: &[f32],
+    positions: &[i32],
+    table: impl Fn(usize) -> &'t [i32],
+    (k_all, v_all): (&[f32], &[f32]),
+    what: &str,
+) {
+    let config = ModelConfig::qwen3_0_6b();
+    for (r, &position) in positions.iter().enumerate() {
+        let got = &out[r * 2048..(r + 1) * 2048];
+        if position < 0 {
             assert!(
-                err < 4e-3,
-                "row {r} (length {len}), {splits} splits: relative L2 {err:.2e}"
+                got.iter().all(|&v| v == 0.0),
+                "{what}: padding row {r} must be zeros"
             );
+            continue;
         }
+        let len = position as usize + 1;
+        let want = attention(
+            &config,
+            &q[r * 2048..(r + 1) * 2048],
+            &gather_positions(k_all, table(r), len),
+            &gather_positions(v_all, table(r), len),
+        );
+        let err = common::rel_l2(got, &want);
+        assert!(
+            err < 4e-3,
+            "{what}: row {r} (length {len}): relative L2 {err:.2e}"
+        );
     }
 }
 
@@ -722,7 +744,6 @@ fn gpu_prefill_attention_matches_reference() {
         return;
     };
     let mut rng = common::fresh_rng("gpu_prefill_attention");
-    let config = ModelConfig::qwen3_0_6b();
     let max_blocks = 16;
     let (tables, k_bits, v_bits) = random_paged_cache(&mut rng, 2, max_blocks);
     let (k_all, v_all) = (bits_to_f32(&k_bits), bits_to_f32(&v_bits));
@@ -754,31 +775,16 @@ fn gpu_prefill_attention_matches_reference() {
         kernels::prefill_attention(&gpu, &mut d_out, &d_q, &d_k, &d_v, &rows).unwrap();
         let out = bits_to_f32(&gpu.download(&d_out).unwrap());
         common::assert_all_finite(&out, "prefill attention out");
-        let table = &tables[seq as usize * max_blocks..];
-        for r in 0..m {
-            let got = &out[r * 2048..(r + 1) * 2048];
-            if positions[r] < 0 {
-                assert!(
-                    got.iter().all(|&v| v == 0.0),
-                    "padding row {r} must be zeros"
-                );
-                continue;
-            }
-            let len = positions[r] as usize + 1;
-            let want = attention(
-                &config,
-                &q[r * 2048..(r + 1) * 2048],
-                &gather_positions(&k_all, table, len),
-                &gather_positions(&v_all, table, len),
-            );
-            let err = common::rel_l2(got, &want);
-            // bf16 output and bf16 softmax weights in P.V (2^-9 relative rounding each) over
-            // f32 math.
-            assert!(
-                err < 4e-3,
-                "start {start}, row {r} (length {len}): relative L2 {err:.2e}"
-            );
-        }
+        let table = |_: usize| &tables[seq as usize * max_blocks..];
+        let cache = (k_all.as_slice(), v_all.as_slice());
+        assert_attention_rows(
+            &out,
+            &q,
+            &positions,
+            table,
+            cache,
+            &format!("start {start}"),
+        );
     }
 }
 

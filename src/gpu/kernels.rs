@@ -461,8 +461,7 @@ pub fn prefill_attention<P: DevicePtr<i32>>(
     v_cache: &impl DevicePtr<u16>,
     rows: &Rows<'_, P>,
 ) -> Result<()> {
-    rows.check()?;
-    fits(out, rows.m * Q_WIDTH, "attention out")?;
+    attention_out_fits(out, rows)?;
     fits(q, rows.m * Q_WIDTH, "attention q")?;
     let (m, max_blocks) = (dim(rows.m, "m")?, dim(rows.max_blocks, "max_blocks")?);
     // SAFETY: lengths checked above; block ids come from the host allocator; pointers are live.
@@ -534,7 +533,16 @@ pub fn decode_attention<P: DevicePtr<i32>, C: DevicePtrMut<u16>>(
     check(code, "bi_decode_attention")
 }
 
-/// The checks of what the attention kernels write: out [m, 2048], partials, counters.
+/// The checks of the rows every attention kernel reads and of its output out [m, 2048].
+fn attention_out_fits<P: DevicePtr<i32>>(
+    out: &impl DevicePtrMut<u16>,
+    rows: &Rows<'_, P>,
+) -> Result<()> {
+    rows.check()?;
+    fits(out, rows.m * Q_WIDTH, "attention out")
+}
+
+/// The checks of what the split attention kernels write: out [m, 2048], partials, counters.
 fn attention_outputs_fit<P: DevicePtr<i32>>(
     out: &impl DevicePtrMut<u16>,
     partials: &impl DevicePtrMut<f32>,
@@ -542,8 +550,7 @@ fn attention_outputs_fit<P: DevicePtr<i32>>(
     rows: &Rows<'_, P>,
     splits: usize,
 ) -> Result<()> {
-    rows.check()?;
-    fits(out, rows.m * Q_WIDTH, "attention out")?;
+    attention_out_fits(out, rows)?;
     fits(
         partials,
         rows.m * Q_HEADS * splits * PARTIAL_FLOATS,
