@@ -205,20 +205,22 @@ impl Forward {
     }
 
     /// Independent chains of layer kernels a decode step of `m` rows runs in: one fused chain
-    /// up to 16 rows, two chains up to 64 rows, then one chain per 64 rows (at most `sides` +
-    /// 1). Measured (context 512, H200): at 32 rows two chains of 16 reached 18,357 tok/s
-    /// against one chain's 16,896; at 64 rows two chains of 32 with tiled products (`Placement`)
-    /// 27,920 against one chain's 27,221 (with skinny products, in an earlier build, 20,349
-    /// against 26,458); at 128 rows four chains of 32 36,690 against two of 64's 38,807, three
-    /// chains 38,273 against 39,139; at 256, four chains 44,452 against two's 41,983, three
-    /// 44,076 against four's 46,691.
+    /// up to 16 rows, two chains up to CHAIN_ROWS, then one chain per CHAIN_ROWS rows (at most
+    /// `sides` + 1). Measured (context 512, H200): at 32 rows two chains of 16 reached 18,357
+    /// tok/s against one chain's 16,896; at 64 rows two chains of 32 with tiled products
+    /// (`Placement`) 27,920 against one chain's 27,221 (with skinny products, in an earlier
+    /// build, 20,349 against 26,458); at 128 rows four chains of 32 36,690 against two of 64's
+    /// 38,807, three chains 38,273 against 39,139, one chain 32,846 / 32,887 against two's
+    /// 38,957 / 39,102; at 256, four chains 44,452 against two's 41,983 (at 59786ab, two
+    /// repeats: 46,634 / 46,581 against 44,623 / 44,703), three 44,076 against four's 46,691.
     fn chains(&self, m: usize) -> usize {
+        const CHAIN_ROWS: usize = 64;
         let chains = if m <= DECODE_LAYER_MAX_ROWS {
             1
-        } else if m <= 64 {
+        } else if m <= CHAIN_ROWS {
             2
         } else {
-            m / 64
+            m / CHAIN_ROWS
         };
         chains.clamp(1, self.sides.len() + 1)
     }
