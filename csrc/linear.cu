@@ -203,7 +203,7 @@ struct TiledArgs {
     // LM head at 256 rows: 214.5 -> 177.8 us, its two 128-row tiles having each read all 311 MB;
     // H200); column tiles along x otherwise (prefill of 2,000 tokens, whose products fit L2:
     // 45,524 tok/s, against 45,328 with row tiles along x).
-    bool rows_along_x;
+    bool rows_along_x = false;
 
     // Row and column of this block's tile's first element.
     __device__ int2 origin(int bm) const {
@@ -540,7 +540,7 @@ cudaError_t launch_linear(const SkinnyArgs &args, bi_placement placement, bi_bf1
         if (e != cudaSuccess) return e;
         a = scratch;
     }
-    return launch_tiled<Epilogue>(TiledArgs{args.out, a, args.w, args.m, args.n, args.k, false}, stream);
+    return launch_tiled<Epilogue>(TiledArgs{args.out, a, args.w, args.m, args.n, args.k}, stream);
 }
 
 template <bool Norm>

@@ -89,23 +89,30 @@ pub struct CpuDecoder<'a> {
     model: &'a CpuModel,
     cache: CpuCache,
     params: SamplingParams,
+    sequence: u32,
     last: u32,
     step: u32,
 }
 
 impl<'a> CpuDecoder<'a> {
     pub fn new(model: &'a CpuModel, params: SamplingParams) -> Self {
+        Self::for_sequence(model, params, 0)
+    }
+
+    /// A decoder that samples as sequence `sequence` (see `sampling::sample`).
+    pub fn for_sequence(model: &'a CpuModel, params: SamplingParams, sequence: u32) -> Self {
         Self {
             model,
             cache: model.new_cache(),
             params,
+            sequence,
             last: 0,
             step: 0,
         }
     }
 
     fn pick(&mut self, logits: &[f32]) -> u32 {
-        let token = sample(logits, &self.params, 0, self.step);
+        let token = sample(logits, &self.params, self.sequence, self.step);
         self.step += 1;
         self.last = token;
         token

@@ -2,8 +2,10 @@
 //! build.rs) and the whole decode step replayed as one CUDA graph.
 //!
 //! Data flow: prompt -> chat template -> token ids -> prefill -> decode steps -> sampled ids ->
-//! streaming detokenization. `reference` is the f32 CPU oracle every kernel is tested against.
+//! streaming detokenization (`generate` for one sequence, `batch` for many decoded together).
+//! `reference` is the f32 CPU oracle every kernel is tested against.
 
+pub mod batch;
 pub mod bench;
 pub mod cli;
 pub mod compare;

@@ -222,3 +222,65 @@ fn save_synthetic_writes_a_loadable_directory() {
     assert_eq!(config.layers, 1);
     braidinfer::weights::ModelWeights::load(&target, &config).unwrap();
 }
+
+#[test]
+fn a_prompts_file_answers_every_line_together() {
+    let config = common::small_config();
+    let dir = common::small_model_dir("cli-prompts", &config);
+    let model = dir_arg(&dir);
+    let file = common::temp_dir("cli-prompts-file").join("prompts.txt");
+    std::fs::write(&file, "Tell me a story\n\nWhy is the sky blue?\nHi\n").unwrap();
+    let prompts = dir_arg(&file);
+    let out = braidinfer(&[
+        "--model",
+        &model,
+        "--prompts",
+        &prompts,
+        "--batch",
+        "2",
+        "--max-tokens",
+        "6",
+        "--stats",
+        "--backend",
+        "cpu",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for i in 1..=3 {
+        assert_eq!(
+            out.stdout
+                .matches(&format!("### answer {i} of 3\n"))
+                .count(),
+            1,
+            "answer {i} printed once: {}",
+            out.stdout
+        );
+    }
+    assert!(
+        out.stderr.contains("3 prompts (") && out.stderr.contains("up to 2 decoded together"),
+        "--stats line: {}",
+        out.stderr
+    );
+
+    let empty = common::temp_dir("cli-prompts-empty").join("prompts.txt");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    let synthetic = ["--synthetic", "--layers", "1"];
+    assert_fails_with(
+        &[&synthetic[..], &["--prompts", &dir_arg(&empty)]].concat(),
+        "has no prompt (one per line)",
+    );
+    assert_fails_with(
+        &[&synthetic[..], &["--prompts", "/definitely/not/here.txt"]].concat(),
+        "reading the prompts file /definitely/not/here.txt",
+    );
+    assert_fails_with(
+        &[&synthetic[..], &["--prompts", &prompts, "--batch", "0"]].concat(),
+        "--batch must be at least 1",
+    );
+    let both = braidinfer(&[&synthetic[..], &["--prompt", "hi", "--prompts", &prompts]].concat());
+    assert_ne!(both.code, 0);
+    assert!(
+        both.stderr.contains("cannot be used with"),
+        "{}",
+        both.stderr
+    );
+}

@@ -1,10 +1,12 @@
 //! The GPU engine end to end on a synthetic model with the real per-layer shapes (2 layers):
-//! logits against the CPU reference, graph replay against kernel-by-kernel launches, a long
-//! generation, and the context and KV-capacity limits.
+//! logits against the CPU reference, graph replay against kernel-by-kernel launches, batched
+//! generation, a long generation, and the context and KV-capacity limits.
 
 mod common;
 
+use braidinfer::batch::{generate_batch, BatchEvent, Request};
 use braidinfer::config::ModelConfig;
+use braidinfer::gpu::kv_cache::bytes_per_position;
 use braidinfer::gpu::{Engine, EngineOptions, Gpu};
 use braidinfer::quant::Quant;
 use braidinfer::reference::CpuModel;
@@ -367,6 +369,57 @@ fn gpu_batch_invariant_decode_is_bit_identical_in_every_batch_and_slot() {
                 alone.len()
             );
         }
+    }
+}
+
+#[test]
+fn gpu_batched_generation_gives_each_request_its_tokens_alone() {
+    let name = "gpu_batched_generation_gives_each_request_its_tokens_alone";
+    let Some(gpu) = common::gpu_or_skip(name) else {
+        return;
+    };
+    let mut rng = common::fresh_rng(name);
+    let config = small_vocab_config();
+    let weights = synthetic_weights(&config, rng.next_u64());
+    // Batch-invariant, so a request's greedy tokens never depend on its batch or slot; four
+    // slots, and KV room (14 blocks of 16 positions) for two or three of these requests (up to
+    // 6 blocks each) at a time, so requests also wait for room.
+    let mut engine = engine(
+        gpu,
+        &config,
+        &weights,
+        EngineOptions {
+            max_batch: 4,
+            prefill_chunk: 64,
+            batch_invariant: true,
+            kv_cache_bytes: Some(14 * 16 * bytes_per_position(config.layers)),
+            ..Default::default()
+        },
+    );
+    engine.capture().unwrap();
+    let requests: Vec<Request> = (0..9)
+        .map(|i| Request {
+            prompt: random_prompt(&mut rng, 5 + 13 * i % 60, config.vocab),
+            max_tokens: 4 + 5 * i % 17,
+            params: SamplingParams::greedy(),
+        })
+        .collect();
+    let mut generate = |requests: &[Request]| -> Vec<Vec<u32>> {
+        let mut tokens = vec![Vec::new(); requests.len()];
+        generate_batch(&mut engine, requests, &[], |event| {
+            if let BatchEvent::Token { request, token } = event {
+                tokens[request].push(token);
+            }
+            Ok(())
+        })
+        .unwrap();
+        tokens
+    };
+    let together = generate(&requests);
+    for (i, r) in requests.iter().enumerate() {
+        assert_eq!(together[i].len(), r.max_tokens, "request {i}");
+        let alone = generate(std::slice::from_ref(r));
+        assert_eq!(together[i], alone[0], "request {i}: batched against alone");
     }
 }
 

@@ -349,6 +349,11 @@ impl Engine {
         Ok(collected)
     }
 
+    /// Whether a sequence of `positions` positions fits in the KV cache beside the live ones.
+    pub fn has_room(&self, positions: usize) -> bool {
+        self.cache.has_room(positions)
+    }
+
     /// Frees the KV blocks of the sequence in `slot` (if any); the slot idles until restarted.
     pub fn finish_sequence(&mut self, slot: usize) -> Result<()> {
         if let Some(blocks) = self.slots[slot].take() {

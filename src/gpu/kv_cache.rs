@@ -51,6 +51,11 @@ impl KvCache {
         self.blocks
     }
 
+    /// Whether `positions` token positions fit in the free blocks.
+    pub fn has_room(&self, positions: usize) -> bool {
+        positions.div_ceil(BLOCK_TOKENS) <= self.free.len()
+    }
+
     /// Blocks for `positions` token positions, or an error saying what does not fit.
     pub fn allocate(&mut self, positions: usize) -> Result<Vec<u32>> {
         let needed = positions.div_ceil(BLOCK_TOKENS);

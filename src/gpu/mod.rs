@@ -2,6 +2,7 @@
 //! wrappers of every kernel, the weights and KV cache on the device, the forward pass, and the
 //! engine that captures and replays the decode step.
 
+pub mod batch;
 pub mod decoder;
 pub mod device;
 pub mod engine;

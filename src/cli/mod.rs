@@ -1,21 +1,20 @@
 //! The `braidinfer` command line: arguments parsed by clap, validated into a typed run, run.
 
-use std::io::Write;
-use std::path::PathBuf;
+mod answer;
+
+use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use clap::{Parser, ValueEnum};
 
 use crate::config::ModelConfig;
-use crate::generate::{check_prompt_fits, generate, CpuDecoder, Decoder, GenerationStats};
-use crate::gpu::{Engine, EngineOptions, Gpu, GpuDecoder};
+use crate::gpu::Gpu;
 use crate::model::Model;
 use crate::model_source::{resolve_model, tokenizer_dir};
 use crate::quant::Quant;
-use crate::reference::CpuModel;
 use crate::sampling::{SamplingParams, MAX_TOP_K};
 use crate::synthetic::write_model_dir;
-use crate::tokenizer::{ChatMessage, StreamDecoder};
+use crate::tokenizer::ChatMessage;
 
 const ABOUT: &str = "Fast local decoding of Qwen3-0.6B: hand-written CUDA kernels, the whole decode step replayed as one CUDA graph.";
 
@@ -27,6 +26,7 @@ Examples:
   braidinfer --prompt \"Why is the sky blue?\"                 (downloads Qwen/Qwen3-0.6B once)
   braidinfer --model ./Qwen3-0.6B --prompt \"Hi\" --no-think   (a local model directory)
   braidinfer --synthetic --prompt \"Hi\" --stats              (random weights, real speed)
+  braidinfer --prompts questions.txt --batch 64 --stats     (one prompt per line, batched)
   braidinfer --synthetic --save-synthetic ./synthetic-qwen3  (write that model for transformers)
 
 Backends: the GPU by default (--backend auto falls back to the f32 CPU reference, slowly, when
@@ -39,6 +39,16 @@ pub struct Args {
     /// The user message (rendered with the model's chat template unless --raw).
     #[arg(long)]
     pub prompt: Option<String>,
+
+    /// A file of user messages, one per line (blank lines skipped), generated together, up to
+    /// --batch at a time; each answer is printed whole when it finishes.
+    #[arg(long, value_name = "FILE", conflicts_with = "prompt")]
+    pub prompts: Option<PathBuf>,
+
+    /// With --prompts: the most sequences decoded together (a finished one's slot goes to the
+    /// next waiting prompt at once).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub batch: usize,
 
     /// Local model directory, or a Hugging Face repo id resolved through the Hugging Face cache.
     #[arg(long, default_value = "Qwen/Qwen3-0.6B")]
@@ -100,8 +110,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
 
-    /// GPU memory for the KV cache, in GB. Default: enough for a full context, within 90% of
-    /// the free memory.
+    /// GPU memory for the KV cache, in GB. Default: enough for a full context per sequence
+    /// decoded together, within 90% of the free memory.
     #[arg(long, value_name = "GB")]
     pub kv_cache_gb: Option<f64>,
 
@@ -121,9 +131,18 @@ pub enum Backend {
     Cpu,
 }
 
+/// What the run does.
+enum Input {
+    /// Writes the synthetic model to this directory (--save-synthetic), and nothing else.
+    Save(PathBuf),
+    One(String),
+    /// --prompts: one message per non-blank line.
+    Many(Vec<String>),
+}
+
 /// Arguments checked before any model file is touched.
 struct Validated {
-    prompt: Option<String>,
+    input: Input,
     max_tokens: usize,
 }
 
@@ -151,21 +170,36 @@ fn validate(args: &Args) -> Result<Validated> {
             "--top-k must be between 1 and {MAX_TOP_K}, got {k}"
         );
     }
-    let saving = args.save_synthetic.is_some();
-    ensure!(
-        !saving || args.synthetic,
-        "--save-synthetic needs --synthetic"
-    );
-    let prompt = match &args.prompt {
-        Some(p) if p.trim().is_empty() => anyhow::bail!("the prompt is empty"),
-        Some(p) => Some(p.clone()),
-        None if saving => None,
-        None => anyhow::bail!("--prompt is required (see --help)"),
+    ensure!(args.batch > 0, "--batch must be at least 1");
+    let input = match (&args.save_synthetic, &args.prompt, &args.prompts) {
+        (Some(_), ..) if !args.synthetic => anyhow::bail!("--save-synthetic needs --synthetic"),
+        (Some(dir), ..) => Input::Save(dir.clone()),
+        (_, Some(p), _) if p.trim().is_empty() => anyhow::bail!("the prompt is empty"),
+        (_, Some(p), _) => Input::One(p.clone()),
+        (_, None, Some(file)) => Input::Many(read_prompts(file)?),
+        (_, None, None) => anyhow::bail!("--prompt or --prompts is required (see --help)"),
     };
     Ok(Validated {
-        prompt,
+        input,
         max_tokens: args.max_tokens,
     })
+}
+
+/// The non-blank lines of `file`.
+fn read_prompts(file: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the prompts file {}", file.display()))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    ensure!(
+        !prompts.is_empty(),
+        "the prompts file {} has no prompt (one per line)",
+        file.display()
+    );
+    Ok(prompts)
 }
 
 fn load(args: &Args) -> Result<Model> {
@@ -184,12 +218,6 @@ fn load(args: &Args) -> Result<Model> {
 pub fn run(args: Args) -> Result<()> {
     let validated = validate(&args)?;
     let model = load(&args)?;
-    if let Some(dir) = &args.save_synthetic {
-        let tokenizer = tokenizer_dir(args.tokenizer.as_deref())?;
-        write_model_dir(dir, &model.config, &model.weights, &tokenizer)?;
-        eprintln!("wrote {}", dir.display());
-        return Ok(());
-    }
     let params = SamplingParams {
         temperature: args.temperature.unwrap_or(model.generation.temperature),
         top_k: args
@@ -198,44 +226,18 @@ pub fn run(args: Args) -> Result<()> {
         top_p: args.top_p.unwrap_or(model.generation.top_p),
         seed: args.seed,
     };
-    params.validate()?;
-    let prompt_text = validated.prompt.expect("validated: a prompt unless saving");
-    let prompt = prompt_ids(&model, &prompt_text, args.raw, args.no_think)?;
-
-    let (label, stats) = match open_gpu(args.backend)? {
-        Some(gpu) => {
-            let label = format!("{}, {} weights", gpu.name(), args.quant);
-            let options = EngineOptions {
-                kv_cache_bytes: args.kv_cache_gb.map(|gb| (gb * 1e9) as usize),
-                quant: args.quant,
-                ..EngineOptions::default()
-            };
-            let mut engine = Engine::new(gpu, &model.config, &model.weights, &options)?;
-            engine.capture()?;
-            let mut decoder = GpuDecoder::new(engine, params, validated.max_tokens)?;
-            check_prompt_fits(prompt.len(), decoder.context_limit())?;
-            (
-                label,
-                stream_answer(&model, &mut decoder, &prompt, validated.max_tokens)?,
-            )
+    match validated.input {
+        Input::Save(dir) => {
+            let tokenizer = tokenizer_dir(args.tokenizer.as_deref())?;
+            write_model_dir(&dir, &model.config, &model.weights, &tokenizer)?;
+            eprintln!("wrote {}", dir.display());
+            Ok(())
         }
-        None => {
-            let cpu = match args.quant {
-                Quant::Bf16 => CpuModel::new(&model.config, &model.weights),
-                Quant::Int8 => CpuModel::new(&model.config, &model.weights).with_int8_weights(),
-            };
-            let mut decoder = CpuDecoder::new(&cpu, params);
-            check_prompt_fits(prompt.len(), decoder.context_limit())?;
-            (
-                "CPU reference".to_string(),
-                stream_answer(&model, &mut decoder, &prompt, validated.max_tokens)?,
-            )
+        Input::One(text) => answer::answer_one(&args, &model, params, &text, validated.max_tokens),
+        Input::Many(texts) => {
+            answer::answer_many(&args, &model, params, &texts, validated.max_tokens)
         }
-    };
-    if args.stats {
-        print_stats(&stats, &label);
     }
-    Ok(())
 }
 
 /// The GPU the backend asks for; None means the CPU reference.
@@ -272,49 +274,4 @@ pub fn prompt_ids(model: &Model, prompt: &str, raw: bool, no_think: bool) -> Res
         );
     }
     Ok(ids)
-}
-
-fn stream_answer(
-    model: &Model,
-    decoder: &mut dyn Decoder,
-    prompt: &[u32],
-    max_tokens: usize,
-) -> Result<GenerationStats> {
-    let mut text = StreamDecoder::new(&model.tokenizer);
-    let mut stdout = std::io::stdout().lock();
-    let stats = generate(
-        decoder,
-        prompt,
-        max_tokens,
-        &model.generation.eos_tokens,
-        |token| {
-            if let Some(piece) = text.push(token)? {
-                stdout
-                    .write_all(piece.as_bytes())
-                    .context("writing to stdout")?;
-                stdout.flush().context("writing to stdout")?;
-            }
-            Ok(())
-        },
-    )?;
-    let rest = text.finish()?;
-    writeln!(stdout, "{rest}").context("writing to stdout")?;
-    Ok(stats)
-}
-
-fn print_stats(stats: &GenerationStats, backend: &str) {
-    eprintln!(
-        "[{backend}] prompt {} tokens, prefill {:.1} tok/s, time to first token {:.1} ms, \
-         {} tokens generated at {:.1} tok/s{}",
-        stats.prompt_tokens,
-        stats.prefill_tokens_per_second(),
-        stats.time_to_first_token.as_secs_f64() * 1e3,
-        stats.generated_tokens,
-        stats.decode_tokens_per_second(),
-        if stats.stopped_on_eos {
-            " (stopped at end of turn)"
-        } else {
-            ""
-        }
-    );
 }
