@@ -119,10 +119,15 @@ cudaError_t bi_attention(bi_bf16 *out, float *partials, int32_t *counters, const
                          const int32_t *block_tables, int m, int max_blocks, int splits,
                          cudaStream_t stream);
 
-/* bi_attention for the rows of one prompt (prefill): every row belongs to sequence row_seq[0]
- * (its other entries are not read); blocks of 64 rows share each K/V tile (flash attention), so
- * a prompt's K/V is read once per 64 rows instead of once per row. Arguments as bi_attention's,
- * without the workspaces and splits. */
+/* Rows per block of bi_prefill_attention: a prefill pass packs each prompt's rows from a
+ * multiple of this. */
+#define BI_PREFILL_TILE_ROWS 64
+
+/* bi_attention for prompt rows (prefill): each tile of BI_PREFILL_TILE_ROWS rows, from row 0,
+ * holds rows of one sequence, row_seq[first row of the tile] (the tile's other entries are not
+ * read), and padding rows (negative positions, zeros out); a tile's rows share each K/V tile
+ * (flash attention), so a prompt's K/V is read once per tile instead of once per row. Arguments
+ * as bi_attention's, without the workspaces and splits. */
 cudaError_t bi_prefill_attention(bi_bf16 *out, const bi_bf16 *q, const bi_bf16 *k_cache, const bi_bf16 *v_cache,
                                  const int32_t *positions, const int32_t *row_seq, const int32_t *block_tables, int m,
                                  int max_blocks, cudaStream_t stream);

@@ -1,5 +1,6 @@
-// Causal GQA attention of a prompt's rows (prefill), flash-attention style: a block takes 64 rows
-// of one sequence and one kv head, and streams that head's K/V through shared memory in tiles of
+// Causal GQA attention of prompt rows (prefill), flash-attention style: a block takes 64 rows
+// of one sequence (a prefill pass may pack several prompts, each from a multiple of 64 rows) and
+// one kv head, and streams that head's K/V through shared memory in tiles of
 // 64 positions (double-buffered cp.async), which its 8 warps share: warp w multiplies rows
 // 16 (w % 4).. of query head 2 kv_head + w / 4 against each tile on the tensor core (scores
 // Q.K^T, then P.V with P straight from the score registers), with a running softmax per row.
@@ -13,7 +14,7 @@ namespace {
 using bi::attn::kGroup;
 using bi::attn::kv_row;
 
-constexpr int kRows = 64;           // query rows per block
+constexpr int kRows = BI_PREFILL_TILE_ROWS;  // query rows per block
 constexpr int kKeys = 64;           // positions per K/V tile
 constexpr int kWarps = 8;           // (row group of 16, query head of the kv head's two)
 constexpr int kThreads = kWarps * bi::kWarp;
@@ -59,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(bi_bf16 *__restrict__
     if (threadIdx.x < kRows && row0 + threadIdx.x < m) atomicMax(&block_last, positions[row0 + threadIdx.x]);
     __syncthreads();
     const int last = block_last;
-    const int32_t *table = block_tables + static_cast<size_t>(row_seq[0]) * max_blocks;
+    const int32_t *table = block_tables + static_cast<size_t>(row_seq[row0]) * max_blocks;
     const int pos_lo = rows + g < m ? positions[rows + g] : -1, pos_hi = rows + g + 8 < m ? positions[rows + g + 8] : -1;
     if (last < 0) {  // only padding rows
         for (int i = threadIdx.x; i < kRows * kGroup * BI_HEAD_DIM; i += kThreads) {

@@ -2,7 +2,7 @@
 # One GPU-machine session over the bundle (run from the repository root with dist/ carried):
 # the GPU tests, the transformers parity check, the decode benchmark and a CLI run, each logged
 # under $OUT, with a short summary last.
-# Usage: scripts/device-run.sh [tests|parity|bench|int8|quant|kernels|sanitizer|cli|sweep|sweep-int8|sweep-invariant]...
+# Usage: scripts/device-run.sh [tests|parity|bench|int8|quant|kernels|sanitizer|cli|cli-batch|sweep|sweep-int8|sweep-invariant]...
 set -uo pipefail
 # Logs go to a scratch folder, then into $OUT/logs.tar.gz (the device tool returns few files).
 results=${OUT:-/tmp/braidinfer-out}
@@ -37,6 +37,11 @@ for step in $steps; do
                            --prompt "Hello there" --max-tokens 4 --temperature 0.7 >"$out/sanitizer-$tool.txt" 2>&1
                        summary+=("compute-sanitizer $tool on a 2-layer prefill + graph decode: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer-$tool.txt" | tail -n 1))")
                    done
+                   # Prompts of unequal lengths started together: packed prefill passes, 3 slots.
+                   (echo "Hi"; echo "Tell me a long story about a dragon and a knight"; echo "x"; printf 'word %.0s' {1..150}; echo; echo "Why?") >"$out/prompts.txt"
+                   compute-sanitizer --tool memcheck --error-exitcode 9 dist/braidinfer --synthetic --layers 2 \
+                       --prompts "$out/prompts.txt" --batch 3 --max-tokens 6 >"$out/sanitizer-batch.txt" 2>&1
+                   summary+=("compute-sanitizer memcheck, 5 prompts 3 at a time (packed prefill): exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitizer-batch.txt" | tail -n 1))")
                    compute-sanitizer --tool memcheck --error-exitcode 9 dist/braidinfer --synthetic --layers 2 --quant int8 \
                        --prompt "Hello there" --max-tokens 4 >"$out/sanitizer-int8.txt" 2>&1
                    summary+=("compute-sanitizer memcheck, int8 weights: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitizer-int8.txt" | tail -n 1))")
@@ -46,6 +51,14 @@ for step in $steps; do
                    summary+=("compute-sanitizer memcheck, kernel tests (linear, attention): exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitizer-kernels.txt" | tail -n 1))") ;;
         cli) dist/braidinfer --synthetic --prompt "Write a haiku about GPUs." --max-tokens 48 --stats 2>&1 | tee "$out/cli.txt"
              summary+=("$(tail -n 1 "$out/cli.txt")") ;;
+        cli-batch) for i in $(seq 256); do echo "Question $i: explain why the sky is blue, in detail."; done >"$out/questions.txt"
+                   for run in "1 16" "16 64" "64 256" "256 256"; do
+                       set -- $run
+                       head -n "$2" "$out/questions.txt" >"$out/batch-prompts.txt"
+                       dist/braidinfer --synthetic --prompts "$out/batch-prompts.txt" --batch "$1" --max-tokens 256 \
+                           --temperature 0 --stats 2>>"$out/cli-batch.txt" >/dev/null
+                       summary+=("$(tail -n 1 "$out/cli-batch.txt")")
+                   done ;;
     esac
 done
 echo "=== summary"

@@ -20,6 +20,18 @@ pub struct Request {
     pub params: SamplingParams,
 }
 
+/// A sequence to start in a free slot: its prompt prefilled, with room for `max_new_tokens`
+/// after it, and its first token sampled (`sequence` seeds its sampling, as in
+/// `sampling::sample`).
+#[derive(Clone, Copy, Debug)]
+pub struct SequenceStart<'a> {
+    pub slot: usize,
+    pub prompt: &'a [u32],
+    pub max_new_tokens: usize,
+    pub params: SamplingParams,
+    pub sequence: u32,
+}
+
 /// What `generate_batch` reports, as it happens.
 pub enum BatchEvent<'a> {
     /// Request `request` produced `token` (an end token included).
@@ -37,18 +49,10 @@ pub trait BatchDecoder {
     fn slots(&self) -> usize;
     /// The most positions (prompt + generated) a sequence may hold.
     fn context_limit(&self) -> usize;
-    /// Whether a sequence of `positions` positions fits beside the live ones now.
-    fn has_room(&self, positions: usize) -> bool;
-    /// Prefills `prompt` into the free `slot`, with room for `max_new_tokens` after it, and
-    /// samples its first token (`sequence` seeds its sampling, as in `sampling::sample`).
-    fn start(
-        &mut self,
-        slot: usize,
-        prompt: &[u32],
-        max_new_tokens: usize,
-        params: &SamplingParams,
-        sequence: u32,
-    ) -> Result<()>;
+    /// Whether sequences of these numbers of positions fit together beside the live ones now.
+    fn has_room(&self, positions: &[usize]) -> bool;
+    /// Starts these sequences (their prompts prefilled together where the decoder can).
+    fn start(&mut self, starts: &[SequenceStart]) -> Result<()>;
     /// Ends the sequence in `slot`, freeing its room.
     fn finish(&mut self, slot: usize) -> Result<()>;
     /// Samples the next token of every live sequence.
@@ -93,29 +97,42 @@ pub fn generate_batch(
     let mut live: Vec<Option<Live>> = vec![None; decoder.slots()];
     let mut next = 0; // the first request not started
     loop {
-        for slot in 0..live.len() {
-            if live[slot].is_some() {
-                continue;
-            }
-            if next == requests.len() {
+        // The waiting requests that the free slots and the room take, started together. A
+        // request that does not fit waits for others to finish; alone, `start` says why it can
+        // never fit.
+        let (mut starts, mut sizes) = (Vec::new(), Vec::new());
+        for (slot, _) in live.iter().enumerate().filter(|(_, l)| l.is_none()) {
+            let Some(r) = requests.get(next) else {
+                break;
+            };
+            sizes.push(r.prompt.len() + budget(r));
+            let busy = live.iter().any(Option::is_some) || !starts.is_empty();
+            if busy && !decoder.has_room(&sizes) {
                 break;
             }
-            let (request, r) = (next, &requests[next]);
-            // A request that does not fit waits for others to finish; alone, `start` says why
-            // it can never fit.
-            if !decoder.has_room(r.prompt.len() + budget(r)) && live.iter().any(Option::is_some) {
-                break;
-            }
-            let started = Instant::now();
-            decoder
-                .start(slot, &r.prompt, budget(r), &r.params, request as u32)
-                .with_context(|| format!("request {}", request + 1))?;
-            live[slot] = Some(Live {
-                request,
-                budget: budget(r),
-                started,
+            starts.push(SequenceStart {
+                slot,
+                prompt: &r.prompt,
+                max_new_tokens: budget(r),
+                params: r.params,
+                sequence: next as u32,
             });
             next += 1;
+        }
+        if !starts.is_empty() {
+            let started = Instant::now();
+            let first = next - starts.len();
+            decoder.start(&starts).with_context(|| {
+                let ids: Vec<String> = (first..next).map(|i| (i + 1).to_string()).collect();
+                format!("request {}", ids.join(", "))
+            })?;
+            for (i, start) in starts.iter().enumerate() {
+                live[start.slot] = Some(Live {
+                    request: first + i,
+                    budget: start.max_new_tokens,
+                    started,
+                });
+            }
         }
         if live.iter().all(Option::is_none) {
             return Ok(stats);
@@ -181,21 +198,16 @@ impl BatchDecoder for CpuBatch<'_> {
         self.model.config().max_positions
     }
 
-    fn has_room(&self, _positions: usize) -> bool {
+    fn has_room(&self, _positions: &[usize]) -> bool {
         true // the CPU caches grow as needed
     }
 
-    fn start(
-        &mut self,
-        slot: usize,
-        prompt: &[u32],
-        _max_new_tokens: usize,
-        params: &SamplingParams,
-        sequence: u32,
-    ) -> Result<()> {
-        let mut decoder = CpuDecoder::for_sequence(self.model, *params, sequence);
-        let first = decoder.start(prompt)?;
-        self.slots[slot] = Some((decoder, first));
+    fn start(&mut self, starts: &[SequenceStart]) -> Result<()> {
+        for s in starts {
+            let mut decoder = CpuDecoder::for_sequence(self.model, s.params, s.sequence);
+            let first = decoder.start(s.prompt)?;
+            self.slots[s.slot] = Some((decoder, first));
+        }
         Ok(())
     }
 

@@ -5,7 +5,9 @@
 mod common;
 
 use anyhow::{ensure, Result};
-use braidinfer::batch::{generate_batch, BatchDecoder, BatchEvent, CpuBatch, Request};
+use braidinfer::batch::{
+    generate_batch, BatchDecoder, BatchEvent, CpuBatch, Request, SequenceStart,
+};
 use braidinfer::generate::{generate, CpuDecoder, GenerationStats};
 use braidinfer::reference::CpuModel;
 use braidinfer::sampling::SamplingParams;
@@ -115,6 +117,7 @@ struct Fake {
     room: usize,
     live: Vec<Option<(u32, u32, usize)>>, // (request, step, positions)
     most_live: usize,
+    start_calls: usize,
 }
 
 impl BatchDecoder for Fake {
@@ -124,25 +127,24 @@ impl BatchDecoder for Fake {
     fn context_limit(&self) -> usize {
         64
     }
-    fn has_room(&self, positions: usize) -> bool {
+    fn has_room(&self, positions: &[usize]) -> bool {
         let used: usize = self.live.iter().flatten().map(|l| l.2).sum();
-        used + positions <= self.room
+        used + positions.iter().sum::<usize>() <= self.room
     }
-    fn start(
-        &mut self,
-        slot: usize,
-        prompt: &[u32],
-        max_new_tokens: usize,
-        _params: &SamplingParams,
-        sequence: u32,
-    ) -> Result<()> {
-        let positions = prompt.len() + max_new_tokens;
+    fn start(&mut self, starts: &[SequenceStart]) -> Result<()> {
+        let positions: Vec<usize> = starts
+            .iter()
+            .map(|s| s.prompt.len() + s.max_new_tokens)
+            .collect();
         ensure!(
-            self.has_room(positions),
-            "no room for {positions} positions"
+            self.has_room(&positions),
+            "no room for {positions:?} positions"
         );
-        ensure!(self.live[slot].is_none(), "slot {slot} is busy");
-        self.live[slot] = Some((sequence, 0, positions));
+        for (s, &p) in starts.iter().zip(&positions) {
+            ensure!(self.live[s.slot].is_none(), "slot {} is busy", s.slot);
+            self.live[s.slot] = Some((s.sequence, 0, p));
+        }
+        self.start_calls += 1;
         self.most_live = self.most_live.max(self.live.iter().flatten().count());
         Ok(())
     }
@@ -179,9 +181,12 @@ fn requests_wait_for_kv_room_and_one_that_never_fits_is_an_error() {
         room: 24,
         live: vec![None; 4],
         most_live: 0,
+        start_calls: 0,
     };
     let (tokens, _) = run(&mut fake, &requests, &[]).unwrap();
     assert_eq!(fake.most_live, 2);
+    // Requests 1 and 2 start together; 3, 4 and 5 each when one before them finishes.
+    assert_eq!(fake.start_calls, 4);
     for (i, t) in tokens.iter().enumerate() {
         let expected: Vec<u32> = (0..3 + i as u32).map(|s| 100 * i as u32 + s).collect();
         assert_eq!(*t, expected, "request {i}");
@@ -190,10 +195,11 @@ fn requests_wait_for_kv_room_and_one_that_never_fits_is_an_error() {
         room: 8,
         live: vec![None; 4],
         most_live: 0,
+        start_calls: 0,
     };
     let err = run(&mut small, &requests, &[]).unwrap_err();
     assert!(
-        format!("{err:#}").contains("request 1: no room for 9 positions"),
+        format!("{err:#}").contains("request 1: no room for [9] positions"),
         "{err:#}"
     );
 }
@@ -247,5 +253,63 @@ fn bad_requests_fail_before_anything_runs() {
         .unwrap_err();
         assert!(format!("{err:#}").contains(message), "{err:#}");
         assert_eq!(events, 0, "{message}: nothing runs before the checks");
+    }
+}
+
+#[test]
+fn prefill_passes_pack_prompts_from_tile_boundaries() {
+    use braidinfer::gpu::prefill_plan::{plan, rows, Piece};
+    let piece = |prompt, row, position, len| Piece {
+        prompt,
+        row,
+        position,
+        len,
+    };
+    // One prompt: passes of `chunk` tokens, as a lone prompt always had.
+    assert_eq!(
+        plan(&[70], 32, 64),
+        vec![
+            vec![piece(0, 0, 0, 32)],
+            vec![piece(0, 0, 32, 32)],
+            vec![piece(0, 0, 64, 6)]
+        ]
+    );
+    // Short prompts side by side, each from a multiple of 64 rows; a long one continues in the
+    // next pass.
+    let passes = plan(&[23, 100, 3000, 10], 2048, 64);
+    assert_eq!(
+        passes,
+        vec![
+            vec![
+                piece(0, 0, 0, 23),
+                piece(1, 64, 0, 100),
+                piece(2, 192, 0, 1856)
+            ],
+            vec![piece(2, 0, 1856, 1144), piece(3, 1152, 0, 10)],
+        ]
+    );
+    assert_eq!(rows(&passes[1]), 1162);
+    // Any mix: every prompt's positions covered once, in order, from tile boundaries, inside
+    // the pass.
+    let mut rng = common::fresh_rng("prefill_passes_pack_prompts_from_tile_boundaries");
+    for _ in 0..200 {
+        let lens: Vec<usize> = (0..1 + rng.next_u64() % 20)
+            .map(|_| 1 + (rng.next_u64() % 300) as usize)
+            .collect();
+        let chunk = [20, 64, 80, 128, 512][(rng.next_u64() % 5) as usize];
+        let mut next_position = vec![0; lens.len()];
+        for pass in plan(&lens, chunk, 64) {
+            assert!(rows(&pass) <= chunk && !pass.is_empty());
+            for (i, p) in pass.iter().enumerate() {
+                assert_eq!(p.row % 64, 0);
+                assert!(p.len > 0);
+                assert_eq!(p.position, next_position[p.prompt], "{lens:?} {chunk}");
+                next_position[p.prompt] += p.len;
+                if let Some(next) = pass.get(i + 1) {
+                    assert!(p.row + p.len <= next.row);
+                }
+            }
+        }
+        assert_eq!(next_position, lens);
     }
 }

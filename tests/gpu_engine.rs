@@ -4,7 +4,7 @@
 
 mod common;
 
-use braidinfer::batch::{generate_batch, BatchEvent, Request};
+use braidinfer::batch::{generate_batch, BatchEvent, Request, SequenceStart};
 use braidinfer::config::ModelConfig;
 use braidinfer::gpu::kv_cache::bytes_per_position;
 use braidinfer::gpu::{Engine, EngineOptions, Gpu};
@@ -177,22 +177,22 @@ fn matches_the_cpu_reference(
 }
 
 #[test]
-fn gpu_batched_decode_matches_the_cpu_reference_in_every_slot() {
-    batched_decode_matches_the_cpu_reference(
-        "gpu_batched_decode_matches_the_cpu_reference_in_every_slot",
+fn gpu_packed_prefill_and_batched_decode_match_the_cpu_reference_in_every_slot() {
+    packed_prefill_and_batched_decode_match_the_cpu_reference(
+        "gpu_packed_prefill_and_batched_decode_match_the_cpu_reference_in_every_slot",
         Quant::Bf16,
     );
 }
 
 #[test]
-fn gpu_int8_batched_decode_matches_the_int8_cpu_reference() {
-    batched_decode_matches_the_cpu_reference(
-        "gpu_int8_batched_decode_matches_the_int8_cpu_reference",
+fn gpu_int8_packed_prefill_and_batched_decode_match_the_int8_cpu_reference() {
+    packed_prefill_and_batched_decode_match_the_cpu_reference(
+        "gpu_int8_packed_prefill_and_batched_decode_match_the_int8_cpu_reference",
         Quant::Int8,
     );
 }
 
-fn batched_decode_matches_the_cpu_reference(name: &str, quant: Quant) {
+fn packed_prefill_and_batched_decode_match_the_cpu_reference(name: &str, quant: Quant) {
     let Some(gpu) = common::gpu_or_skip(name) else {
         return;
     };
@@ -207,13 +207,16 @@ fn batched_decode_matches_the_cpu_reference(name: &str, quant: Quant) {
         &weights,
         EngineOptions {
             max_batch: 70,
-            prefill_chunk: 64,
+            prefill_chunk: 256,
             quant,
             ..Default::default()
         },
     );
     engine.capture().unwrap();
-    // Sequences of different lengths in slots 0, 3, 17, 40 and 69: while slot 69 lives a step is
+    // Sequences of different lengths in slots 0, 3, 17, 40 and 69, started together: their
+    // prompts packed into prefill passes of 256 rows, each from a multiple of 64 (pass 1: slot
+    // 0's 37 rows and slot 3's first 192; pass 2: slot 3's last 108, slot 17's 5, slot 40's 9;
+    // pass 3: slot 69's 5). While slot 69 lives a step is
     // a batch of 70 (one chain of separate kernels: tiled products, k split over clusters, q/k
     // norm + RoPE before attention; 65 padding rows); once it finishes, a batch of 64 (two
     // concurrent chains of 32 rows, their products tiled beside each other); once slot 40
@@ -226,35 +229,43 @@ fn batched_decode_matches_the_cpu_reference(name: &str, quant: Quant) {
         f32_cache: braidinfer::reference::CpuCache,
         reference: Vec<f32>,
     }
-    let mut sequences: Vec<Sequence> = [(0, 37), (3, 90), (17, 5), (40, 9), (69, 5)]
+    let prompts: Vec<(usize, Vec<u32>)> = [(0, 37), (3, 300), (17, 5), (40, 9), (69, 5)]
         .into_iter()
-        .map(|(slot, len)| {
-            let prompt = random_prompt(&mut rng, len, v);
-            engine
-                .start_sequence(
-                    slot,
-                    &prompt,
-                    40,
-                    &SamplingParams::greedy(),
-                    slot as u32,
-                    false,
-                )
-                .unwrap();
+        .map(|(slot, len)| (slot, random_prompt(&mut rng, len, v)))
+        .collect();
+    let starts: Vec<SequenceStart> = prompts
+        .iter()
+        .map(|(slot, prompt)| SequenceStart {
+            slot: *slot,
+            prompt,
+            max_new_tokens: 40,
+            params: SamplingParams::greedy(),
+            sequence: *slot as u32,
+        })
+        .collect();
+    engine.start_sequences(&starts).unwrap();
+    let prompt_logits = engine.gpu().download(engine.logits()).unwrap();
+    let mut errors = Errors::default();
+    let mut sequences: Vec<Sequence> = prompts
+        .iter()
+        .map(|(slot, prompt)| {
             let (mut cache, mut f32_cache) = (cpu.new_cache(), f32_cpu.new_cache());
-            let mut reference = Vec::new();
-            for &token in &prompt {
+            let (mut reference, mut f32_reference) = (Vec::new(), Vec::new());
+            for &token in prompt {
                 reference = cpu.forward(token, &mut cache).unwrap();
-                f32_cpu.forward(token, &mut f32_cache).unwrap();
+                f32_reference = f32_cpu.forward(token, &mut f32_cache).unwrap();
             }
+            let ours = &prompt_logits[slot * v..(slot + 1) * v];
+            common::assert_all_finite(ours, "packed prefill logits");
+            errors.add(ours, &reference, &f32_reference);
             Sequence {
-                slot,
+                slot: *slot,
                 cache,
                 f32_cache,
                 reference,
             }
         })
         .collect();
-    let mut errors = Errors::default();
     for step in 0..12 {
         for (at, slot) in [(3, 69), (6, 40), (9, 17)] {
             if step == at {
@@ -293,7 +304,7 @@ fn batched_decode_matches_the_cpu_reference(name: &str, quant: Quant) {
         }
     }
     eprintln!(
-        "batched decode ({quant}), worst relative L2 error against f32: GPU {:.2e}, bf16-activation reference {:.2e}",
+        "packed prefill and batched decode ({quant}), worst relative L2 error against f32: GPU {:.2e}, bf16-activation reference {:.2e}",
         errors.gpu_vs_f32, errors.oracle_vs_f32
     );
     errors.assert_within_the_oracle_bound();
@@ -420,6 +431,49 @@ fn gpu_batched_generation_gives_each_request_its_tokens_alone() {
         assert_eq!(together[i].len(), r.max_tokens, "request {i}");
         let alone = generate(std::slice::from_ref(r));
         assert_eq!(together[i], alone[0], "request {i}: batched against alone");
+    }
+}
+
+#[test]
+fn gpu_engine_takes_any_batch_size() {
+    // Batches that are not powers of two run buckets whose attention ranges per row differ
+    // from their own (a batch of 3 has 5 per row, its bucket of 1 16): the partials must hold
+    // the largest.
+    let name = "gpu_engine_takes_any_batch_size";
+    let mut rng = common::fresh_rng(name);
+    let config = small_vocab_config();
+    let weights = synthetic_weights(&config, rng.next_u64());
+    for max_batch in [3, 5, 12, 33] {
+        let Some(gpu) = common::gpu_or_skip(name) else {
+            return;
+        };
+        let mut engine = engine(
+            gpu,
+            &config,
+            &weights,
+            EngineOptions {
+                max_batch,
+                prefill_chunk: 64,
+                ..Default::default()
+            },
+        );
+        engine.capture().unwrap();
+        for slot in [0, max_batch - 1] {
+            let prompt = random_prompt(&mut rng, 20, config.vocab);
+            engine
+                .start_sequence(slot, &prompt, 8, &SamplingParams::greedy(), 0, false)
+                .unwrap();
+        }
+        for _ in 0..3 {
+            engine.step().unwrap();
+        }
+        let logits = engine.gpu().download(engine.logits()).unwrap();
+        for slot in [0, max_batch - 1] {
+            common::assert_all_finite(
+                &logits[slot * config.vocab..(slot + 1) * config.vocab],
+                "logits",
+            );
+        }
     }
 }
 

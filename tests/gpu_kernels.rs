@@ -736,9 +736,11 @@ fn assert_attention_rows<'t>(
     }
 }
 
-/// Prefill attention (64-row blocks sharing K/V tiles) against the CPU: a prompt from position
-/// 0 (one row, then 130 rows: a partial last block) and a later chunk of 200 rows (positions
-/// 37..236, the first 37 already in the cache), the last row of which is padding.
+/// Prefill attention (64-row tiles sharing K/V tiles) against the CPU: a prompt from position 0
+/// (one row, then 130 rows: a partial last tile), a later chunk of 199 rows (positions 37..235,
+/// the first 37 already in the cache) and a padding row, and two prompts packed in one launch
+/// (40 rows of sequence 1, padding to the next tile, then 90 rows of sequence 0 from position
+/// 10). row_seq is read at each tile's first row only: the rest is poison.
 #[test]
 fn gpu_prefill_attention_matches_reference() {
     let Some(gpu) = common::gpu_or_skip("gpu_prefill_attention_matches_reference") else {
@@ -746,18 +748,33 @@ fn gpu_prefill_attention_matches_reference() {
     };
     let mut rng = common::fresh_rng("gpu_prefill_attention");
     let max_blocks = 16;
+    let tile = kernels::PREFILL_TILE_ROWS;
     let (tables, k_bits, v_bits) = random_paged_cache(&mut rng, 2, max_blocks);
     let (k_all, v_all) = (bits_to_f32(&k_bits), bits_to_f32(&v_bits));
     let d_tables = gpu.upload(&tables).unwrap();
     let (d_k, d_v) = (gpu.upload(&k_bits).unwrap(), gpu.upload(&v_bits).unwrap());
-    for (start, m, seq) in [(0usize, 1usize, 1i32), (0, 130, 1), (37, 200, 0)] {
-        let mut positions: Vec<i32> = (start..start + m).map(|p| p as i32).collect();
-        if m == 200 {
-            positions[m - 1] = -1;
+    // Each case: pieces (sequence, first position, rows), each from a tile boundary; rows.
+    type Piece = (i32, usize, usize);
+    let cases: [(&[Piece], usize); 4] = [
+        (&[(1, 0, 1)], 1),
+        (&[(1, 0, 130)], 130),
+        (&[(0, 37, 199)], 200),
+        (&[(1, 0, 40), (0, 10, 90)], 154),
+    ];
+    for (pieces, m) in cases {
+        let (mut positions, mut row_seq, mut seq_of_row) =
+            (vec![-1i32; m], vec![-7i32; m], vec![0; m]);
+        let mut row = 0;
+        for &(seq, first, len) in pieces {
+            for i in 0..len {
+                positions[row + i] = (first + i) as i32;
+                seq_of_row[row + i] = seq as usize;
+                if (row + i) % tile == 0 {
+                    row_seq[row + i] = seq;
+                }
+            }
+            row = (row + len).next_multiple_of(tile);
         }
-        // row_seq past the first row is never read: poison it.
-        let mut row_seq = vec![-7; m];
-        row_seq[0] = seq;
         let q_bits = random_bf16(&mut rng, m * 2048, 1.0);
         let q = bits_to_f32(&q_bits);
         let (d_pos, d_seq, d_q) = (
@@ -776,16 +793,9 @@ fn gpu_prefill_attention_matches_reference() {
         kernels::prefill_attention(&gpu, &mut d_out, &d_q, &d_k, &d_v, &rows).unwrap();
         let out = bits_to_f32(&gpu.download(&d_out).unwrap());
         common::assert_all_finite(&out, "prefill attention out");
-        let table = |_: usize| &tables[seq as usize * max_blocks..];
+        let table = |r: usize| &tables[seq_of_row[r] * max_blocks..];
         let cache = (k_all.as_slice(), v_all.as_slice());
-        assert_attention_rows(
-            &out,
-            &q,
-            &positions,
-            table,
-            cache,
-            &format!("start {start}"),
-        );
+        assert_attention_rows(&out, &q, &positions, table, cache, &format!("{pieces:?}"));
     }
 }
 

@@ -1,11 +1,11 @@
-//! The GPU engine's slots as a `BatchDecoder`: every live slot advances in one graph replay,
-//! and the sampled tokens come back to the host once per step.
+//! The GPU engine's slots as a `BatchDecoder`: sequences started together share prefill passes,
+//! every live slot advances in one graph replay, and the sampled tokens come back to the host
+//! once per step.
 
 use anyhow::Result;
 
 use super::Engine;
-use crate::batch::BatchDecoder;
-use crate::sampling::SamplingParams;
+use crate::batch::{BatchDecoder, SequenceStart};
 
 impl BatchDecoder for Engine {
     fn slots(&self) -> usize {
@@ -16,20 +16,12 @@ impl BatchDecoder for Engine {
         Engine::context_limit(self)
     }
 
-    fn has_room(&self, positions: usize) -> bool {
+    fn has_room(&self, positions: &[usize]) -> bool {
         Engine::has_room(self, positions)
     }
 
-    fn start(
-        &mut self,
-        slot: usize,
-        prompt: &[u32],
-        max_new_tokens: usize,
-        params: &SamplingParams,
-        sequence: u32,
-    ) -> Result<()> {
-        self.start_sequence(slot, prompt, max_new_tokens, params, sequence, false)?;
-        Ok(())
+    fn start(&mut self, starts: &[SequenceStart]) -> Result<()> {
+        self.start_sequences(starts)
     }
 
     fn finish(&mut self, slot: usize) -> Result<()> {

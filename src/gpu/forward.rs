@@ -403,6 +403,30 @@ impl Forward {
         Ok(())
     }
 
+    /// Copies rows `rows` of `from`'s residual stream into rows 0.. of `to`'s (the LM head then
+    /// runs over the last rows of several prompts at once).
+    pub fn gather_rows(
+        &self,
+        from: &StepBuffers,
+        rows: &[usize],
+        to: &mut StepBuffers,
+    ) -> Result<()> {
+        anyhow::ensure!(
+            rows.len() <= to.rows,
+            "{} rows for buffers of {}",
+            rows.len(),
+            to.rows
+        );
+        for (i, &row) in rows.iter().enumerate() {
+            anyhow::ensure!(row < from.rows, "row {row} of buffers of {}", from.rows);
+            self.gpu.stream.memcpy_dtod(
+                &from.x.slice(row * HIDDEN..(row + 1) * HIDDEN),
+                &mut to.x.slice_mut(i * HIDDEN..(i + 1) * HIDDEN),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Final norm and LM head for rows `first..first + m` of `bufs.x` into logits [m, vocab].
     pub fn logits(
         &self,

@@ -38,6 +38,7 @@ pub const FUSED_DECODE_MIN_SMS: usize = ffi::BI_FUSED_DECODE_MIN_SMS as usize;
 /// Products of up to this many rows run skinny, their per-row arithmetic independent of m (the
 /// layer products up to twice as many when alone: `Placement`); larger ones tiled.
 pub const SKINNY_ROWS: usize = ffi::BI_SKINNY_ROWS as usize;
+pub const PREFILL_TILE_ROWS: usize = ffi::BI_PREFILL_TILE_ROWS as usize;
 pub const SAMPLE_CHUNKS: usize = ffi::BI_SAMPLE_CHUNKS as usize;
 pub const MAX_TOP_K: usize = ffi::BI_MAX_TOP_K as usize;
 pub const Q_WIDTH: usize = Q_HEADS * HEAD_DIM;

@@ -51,9 +51,13 @@ impl KvCache {
         self.blocks
     }
 
-    /// Whether `positions` token positions fit in the free blocks.
-    pub fn has_room(&self, positions: usize) -> bool {
-        positions.div_ceil(BLOCK_TOKENS) <= self.free.len()
+    /// Whether sequences of these numbers of positions fit in the free blocks together.
+    pub fn has_room(&self, positions: &[usize]) -> bool {
+        positions
+            .iter()
+            .map(|p| p.div_ceil(BLOCK_TOKENS))
+            .sum::<usize>()
+            <= self.free.len()
     }
 
     /// Blocks for `positions` token positions, or an error saying what does not fit.

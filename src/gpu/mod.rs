@@ -10,6 +10,7 @@ pub mod ffi;
 pub mod forward;
 pub mod kernels;
 pub mod kv_cache;
+pub mod prefill_plan;
 pub mod weights;
 
 pub use decoder::GpuDecoder;

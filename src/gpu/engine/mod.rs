@@ -7,6 +7,8 @@
 //! Per-sequence state set from the host (block tables, sampling parameters) is written when a
 //! sequence starts. Slots without a sequence carry position -1 and are skipped by the kernels.
 
+mod start;
+
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{sys, CudaGraph, CudaSlice};
 
@@ -79,6 +81,10 @@ fn lm_head_rows(rows: usize, batch_invariant: bool) -> usize {
     }
 }
 
+/// Prompts whose last positions' logits one LM-head launch computes when sequences start
+/// together: the skinny LM head's most rows, which stream the head's weights once.
+const PROMPT_LOGITS_ROWS: usize = kernels::SKINNY_ROWS;
+
 /// Batch sizes a decode step is captured for; a step runs the smallest that covers every live
 /// slot, the rows past the live ones padding (position -1: no KV read or written).
 pub const BUCKETS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
@@ -95,6 +101,7 @@ pub struct Engine {
     decode: StepBuffers,                  // rows = max_batch, row b = slot b
     prefill: StepBuffers,                 // rows = prefill_chunk
     logits: CudaSlice<f32>,               // [max_batch, vocab]
+    prompt_logits: CudaSlice<f32>,        // [min(PROMPT_LOGITS_ROWS, max_batch), vocab]
     params: CudaSlice<SamplingParamsRaw>, // [max_batch]
     steps: CudaSlice<u32>,                // [max_batch]
     cand_values: CudaSlice<f32>,          // [max_batch, 128, 64]
@@ -119,9 +126,17 @@ impl Engine {
             .context("uploading the weights")?;
         let b = options.max_batch;
         let invariant = options.batch_invariant;
-        let decode = StepBuffers::new(&gpu, b, decode_splits(b, invariant))?;
+        // Partials for the bucket that needs the most (rows x ranges): a batch of 3 needs 15,
+        // its bucket of 1 16.
+        let splits = buckets(b)
+            .into_iter()
+            .map(|rows| (rows * decode_splits(rows, invariant)).div_ceil(b))
+            .max()
+            .unwrap_or(1);
+        let decode = StepBuffers::new(&gpu, b, splits)?;
         let prefill = StepBuffers::new(&gpu, options.prefill_chunk, 1)?;
         let logits = gpu.alloc(b * config.vocab)?;
+        let prompt_logits = gpu.alloc(PROMPT_LOGITS_ROWS.min(b) * config.vocab)?;
         let params = gpu.upload(&vec![
             kernels::sampling_params_raw(
                 &SamplingParams::greedy(),
@@ -171,6 +186,7 @@ impl Engine {
             decode,
             prefill,
             logits,
+            prompt_logits,
             params,
             steps,
             cand_values,
@@ -222,148 +238,6 @@ impl Engine {
     pub fn weight_footprint(&self) -> (usize, f64) {
         let w = &self.forward.weights;
         (w.device_bytes, w.load_seconds)
-    }
-
-    /// Starts a sequence in `slot`: KV blocks for `prompt.len() + max_new_tokens` positions,
-    /// the prompt prefilled, and its first token sampled on the device (the next step's input).
-    /// With `all_logits`, returns the logits of every prompt position [prompt, vocab].
-    pub fn start_sequence(
-        &mut self,
-        slot: usize,
-        prompt: &[u32],
-        max_new_tokens: usize,
-        params: &SamplingParams,
-        sequence_id: u32,
-        all_logits: bool,
-    ) -> Result<Option<Vec<f32>>> {
-        ensure!(
-            slot < self.slots.len(),
-            "slot {slot} outside the batch of {}",
-            self.slots.len()
-        );
-        ensure!(!prompt.is_empty(), "the prompt is empty");
-        ensure!(
-            prompt.len() < self.context_limit,
-            "the prompt is {} tokens, which leaves no room in the context limit of {} tokens",
-            prompt.len(),
-            self.context_limit
-        );
-        if let Some(&bad) = prompt
-            .iter()
-            .find(|&&t| t as usize >= self.forward.config.vocab)
-        {
-            anyhow::bail!(
-                "token id {bad} is outside the vocabulary ({})",
-                self.forward.config.vocab
-            );
-        }
-        params.validate()?;
-        self.finish_sequence(slot)?;
-        let positions = (prompt.len() + max_new_tokens).min(self.context_limit);
-        let blocks = self.cache.allocate(positions)?;
-        let mut table: Vec<i32> = blocks.iter().map(|&b| b as i32).collect();
-        table.resize(self.forward.max_blocks, 0);
-        let mut row = self
-            .forward
-            .block_tables
-            .slice_mut(slot * self.forward.max_blocks..(slot + 1) * self.forward.max_blocks);
-        self.forward.gpu.stream.memcpy_htod(&table, &mut row)?;
-        self.slots[slot] = Some(blocks);
-
-        let prompt_logits = self.prefill(slot, prompt, all_logits)?;
-        let v = self.forward.config.vocab;
-        self.forward.gpu.stream.memcpy_htod(
-            &[kernels::sampling_params_raw(params, sequence_id)],
-            &mut self.params.slice_mut(slot..slot + 1),
-        )?;
-        self.forward.gpu.stream.memcpy_htod(
-            &[prompt.len() as i32 - 1],
-            &mut self.decode.positions.slice_mut(slot..slot + 1),
-        )?;
-        self.forward
-            .gpu
-            .stream
-            .memcpy_htod(&[0u32], &mut self.steps.slice_mut(slot..slot + 1))?;
-        let state = SampleState {
-            tokens: &mut self.decode.tokens.slice_mut(slot..slot + 1),
-            positions: &mut self.decode.positions.slice_mut(slot..slot + 1),
-            steps: &mut self.steps.slice_mut(slot..slot + 1),
-        };
-        let cand = slot * SAMPLE_CHUNKS * MAX_TOP_K..(slot + 1) * SAMPLE_CHUNKS * MAX_TOP_K;
-        kernels::sample(
-            &self.forward.gpu,
-            state,
-            &mut self.cand_values.slice_mut(cand.clone()),
-            &mut self.cand_ids.slice_mut(cand),
-            &self.logits.slice(slot * v..(slot + 1) * v),
-            &self.params.slice(slot..slot + 1),
-            1,
-            v,
-        )?;
-        Ok(prompt_logits)
-    }
-
-    /// Runs the prompt through every layer in chunks, writing its K/V; leaves the logits of its
-    /// last position in `self.logits[slot]`.
-    fn prefill(
-        &mut self,
-        slot: usize,
-        prompt: &[u32],
-        all_logits: bool,
-    ) -> Result<Option<Vec<f32>>> {
-        let v = self.forward.config.vocab;
-        let chunk = self.prefill.rows;
-        let mut collected = all_logits.then(|| Vec::with_capacity(prompt.len() * v));
-        let mut chunk_logits = if all_logits {
-            Some(self.forward.gpu.alloc::<f32>(chunk * v)?)
-        } else {
-            None
-        };
-        for (index, tokens) in prompt.chunks(chunk).enumerate() {
-            let start = index * chunk;
-            let m = tokens.len();
-            let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-            let positions: Vec<i32> = (start..start + m).map(|p| p as i32).collect();
-            self.forward.gpu.write(&mut self.prefill.tokens, &ids)?;
-            self.forward
-                .gpu
-                .write(&mut self.prefill.positions, &positions)?;
-            self.forward
-                .gpu
-                .write(&mut self.prefill.row_seq, &vec![slot as i32; m])?;
-            self.forward
-                .layers(&mut self.prefill, &mut self.cache, m, 1)?;
-            if let (Some(all), Some(buffer)) = (collected.as_mut(), chunk_logits.as_mut()) {
-                self.forward.logits(&mut self.prefill, 0, m, buffer)?;
-                all.extend_from_slice(&self.forward.gpu.download(buffer)?[..m * v]);
-            }
-            if start + m == prompt.len() {
-                self.forward.logits(
-                    &mut self.prefill,
-                    m - 1,
-                    1,
-                    &mut self.logits.slice_mut(slot * v..(slot + 1) * v),
-                )?;
-            }
-        }
-        Ok(collected)
-    }
-
-    /// Whether a sequence of `positions` positions fits in the KV cache beside the live ones.
-    pub fn has_room(&self, positions: usize) -> bool {
-        self.cache.has_room(positions)
-    }
-
-    /// Frees the KV blocks of the sequence in `slot` (if any); the slot idles until restarted.
-    pub fn finish_sequence(&mut self, slot: usize) -> Result<()> {
-        if let Some(blocks) = self.slots[slot].take() {
-            self.cache.release(blocks);
-        }
-        self.forward.gpu.stream.memcpy_htod(
-            &[-1i32],
-            &mut self.decode.positions.slice_mut(slot..slot + 1),
-        )?;
-        Ok(())
     }
 
     /// Rows a step must cover: up to the last live slot (at least one).
