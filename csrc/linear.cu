@@ -1,5 +1,5 @@
 // Linear layers on tensor cores: out = a[m, k] . w[n, k]^T with f32 accumulation (mma.sync
-// m16n8k16 bf16, or wgmma on Hopper for the tiled bf16 products), and a fused epilogue (store,
+// m16n8k16 bf16, or wgmma on Hopper for the tiled products), and a fused epilogue (store,
 // residual add, or SwiGLU). Weights are bf16, or INT8 converted to bf16 fragments in registers
 // with the row scale applied to the sum.
 //
@@ -139,9 +139,10 @@ __global__ void __launch_bounds__(Warps * bi::kWarp) skinny_kernel(SkinnyArgs ar
 
 // ---------------------------------------------------------------------------------------------
 // Tiled: BM x 128 output tiles (BM 64 or 128) through a cp.async pipeline as deep as two
-// blocks per SM allow. On Hopper, bf16 weights run on wgmma (two warpgroups, tiles in the
-// 128-byte swizzle); INT8 weights, and bf16 on other GPUs, on mma.sync (8 warps of (BM/2) x 32;
-// bf16 weight fragments from ldmatrix, INT8 ones read two bytes at a time and converted).
+// blocks per SM allow. On Hopper they run on wgmma (two warpgroups, tiles in the 128-byte
+// swizzle; INT8 weight tiles converted to bf16 in shared memory first); on other GPUs on
+// mma.sync (8 warps of (BM/2) x 32; bf16 weight fragments from ldmatrix, INT8 ones read two
+// bytes at a time and converted).
 // Decode products stream their weights, and the bytes each SM has in flight set their
 // bandwidth: hence the deep pipelines and k steps of 64. When the tiles are too few to fill the
 // SMs (decode batches against the 1,024-wide products), the k axis is split over gridDim.z
@@ -178,20 +179,44 @@ struct Tile {
     static_assert(kAPitch * 2 % 16 == 0 && kWPitch % 16 == 0, "smem rows stay 16-byte aligned for cp.async");
 };
 
-// wgmma tiles: warpgroup g multiplies rows 64g.. by all 128 columns (BM = 128), or all 64 rows
-// by columns 64g.. (BM = 64). Stage rows are one swizzled row each (kTiledK bf16).
-template <int BM>
+// wgmma tiles: warpgroup g multiplies rows 64g.. of A by all 128 columns (BM = 128), or all 64 rows
+// by columns 64g.. (BM = 64). A stage's A rows are one swizzled row each (kTiledK bf16); so are
+// its bf16 weight rows. INT8 weight rows land densely (kTiledK bytes) and are converted, exactly,
+// into one swizzled bf16 tile after the stages before each stage's wgmma. Against INT8 on
+// mma.sync (the conversion in registers, per warp): a 2,000-token prefill 142,252 -> 163,378
+// tok/s, decode at batch 64 / 128 / 256 24,033 / 33,853 / 41,354 -> 25,940 / 36,164 / 43,726
+// (context 512; H200, same-run A/B, means of two repeats). bf16: 205,811 tok/s and 28,058 /
+// 39,209 / 46,683.
+template <typename W, int BM>
 struct WgmmaTile {
+    static constexpr bool kConverts = sizeof(W) == 1;
     static constexpr int kN = BM == 128 ? kTileN : kTileN / 2;  // columns per warpgroup
     static constexpr int kFragments = kN / 8;
     static constexpr int kABytes = BM * wgmma::kRowBytes;
-    static constexpr int kStageBytes = kABytes + kTileN * wgmma::kRowBytes;
-    static constexpr int kStages = (kTiledSmem - wgmma::kAlign) / kStageBytes;
-    static constexpr size_t kSmem = kStages * kStageBytes + wgmma::kAlign;  // + room to align the base
+    static constexpr int kStageBytes = kABytes + kTileN * kTiledK * static_cast<int>(sizeof(W));
+    static constexpr int kConvertedBytes = kConverts ? kTileN * wgmma::kRowBytes : 0;
+    static constexpr int kStages = (kTiledSmem - wgmma::kAlign - kConvertedBytes) / kStageBytes;
+    static constexpr size_t kSmem = kStages * kStageBytes + kConvertedBytes + wgmma::kAlign;  // + room to align the base
     static_assert(kTiledK * 2 == wgmma::kRowBytes, "a stage row is one swizzled row");
+    static_assert(kStageBytes % wgmma::kAlign == 0, "every stage's tiles keep the swizzle's alignment");
     static_assert(kFragments * 4 * kTiledThreads * 4 <= kStages * kStageBytes, "split k's partials fit the stages");
     static_assert(kStages >= 3, "the pipeline needs three stages");
 };
+
+// A stage's dense INT8 weight tile [kTileN][kTiledK] into the swizzled bf16 tile `out` (every
+// thread: half a row, two 16-byte loads and four 16-byte stores).
+__device__ __forceinline__ void convert_weight_tile(const int8_t *tile, unsigned char *out) {
+    static_assert(kTileN * 2 == kTiledThreads && kTiledK == 64, "a thread converts 32 weights of a row");
+    using Chunk = bi::WeightChunk<int8_t>;
+    const int row = threadIdx.x / 2, half = threadIdx.x % 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const uint4 raw = *reinterpret_cast<const uint4 *>(tile + row * kTiledK + 32 * half + 16 * i);
+#pragma unroll
+        for (int part = 0; part < 2; ++part)
+            *reinterpret_cast<uint4 *>(out + wgmma::swizzled(row, 4 * half + 2 * i + part)) = Chunk::bf16(Chunk::part(raw, part));
+    }
+}
 
 struct TiledArgs {
     void *out;
@@ -394,28 +419,39 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_kernel(TiledArgs args) {
     });
 }
 
-// The same tiles on wgmma (bf16 weights, sm_90a): grid and split k as tiled_kernel's.
-template <int Epilogue, int BM>
+// The same tiles on wgmma (sm_90a): grid and split k as tiled_kernel's.
+template <int Epilogue, typename W, int BM>
 __global__ void __launch_bounds__(kTiledThreads) wgmma_kernel(TiledArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    using T = WgmmaTile<BM>;
+    using T = WgmmaTile<W, BM>;
     extern __shared__ __align__(16) unsigned char smem_unaligned[];
     const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned)) % wgmma::kAlign;
     unsigned char *smem = smem_unaligned + (wgmma::kAlign - misalign) % wgmma::kAlign;
+    unsigned char *converted = smem + T::kStages * T::kStageBytes;  // INT8: the stage's weights in bf16
     const int wg = threadIdx.x / 128, warp = threadIdx.x / bi::kWarp % 4, lane = threadIdx.x % bi::kWarp;
     const int m0 = args.origin(BM).x, n0 = args.origin(BM).y;
     bi::allow_next_kernel();
 
     const TileCopy<bi_bf16, BM> a_copy(args.a, m0, args.m, args.k, wgmma::swizzled);
-    const TileCopy<bi_bf16, kTileN> w_copy(static_cast<const bi_bf16 *>(args.w.values), n0, args.n, args.k, wgmma::swizzled);
+    const TileCopy<W, kTileN> w_copy(static_cast<const W *>(args.w.values), n0, args.n, args.k, [](int r, int c) {
+        return T::kConverts ? r * kTiledK + 16 * c : wgmma::swizzled(r, c);
+    });
     // This warpgroup's rows of the A tile and of the weight tile (BM = 128: rows 64 wg.. of A;
     // BM = 64: rows 64 wg.. of the weights, i.e. its 64 output columns).
     const int a_rows = BM == 128 ? 64 * wg : 0, w_rows = BM == 128 ? 0 : 64 * wg;
     float acc[T::kFragments][4] = {};
     const int2 steps = split_k_steps(args.k);
     tiled_pipeline<T::kStages, T::kStageBytes, true>(smem, T::kABytes, a_copy, w_copy, steps.x, steps.y, [&](unsigned char *stage) {
-        const unsigned char *sa = stage + a_rows * wgmma::kRowBytes;
-        const unsigned char *sw = stage + T::kABytes + w_rows * wgmma::kRowBytes;
+        const unsigned char *weights = stage + T::kABytes;
+        if constexpr (T::kConverts) {
+            // The last stage's wgmma are done: every thread passed the pipeline's barrier after
+            // waiting for its own.
+            convert_weight_tile(reinterpret_cast<const int8_t *>(weights), converted);
+            wgmma::fence_shared_writes();
+            __syncthreads();
+            weights = converted;
+        }
+        const unsigned char *sa = stage + a_rows * wgmma::kRowBytes, *sw = weights + w_rows * wgmma::kRowBytes;
         wgmma::fence();
 #pragma unroll
         for (int ks = 0; ks < kTiledK; ks += 16) wgmma::mma_async<T::kN>(acc, wgmma::descriptor(sa, ks), wgmma::descriptor(sw, ks));
@@ -423,7 +459,7 @@ __global__ void __launch_bounds__(kTiledThreads) wgmma_kernel(TiledArgs args) {
         wgmma::wait_all();
     });
     const int g = lane / 4, q = lane % 4;
-    finish_tile<Epilogue, bi_bf16>(args, acc, smem, [&](int f) {
+    finish_tile<Epilogue, W>(args, acc, smem, [&](int f) {
         return make_int2(m0 + a_rows + 16 * warp + g, n0 + w_rows + 8 * f + 2 * q);
     });
 #endif
@@ -502,12 +538,12 @@ cudaError_t launch_tiles(void (*kernel)(TiledArgs), size_t smem, const TiledArgs
     return bi::launch_clustered(kernel, grid, dim3(kTiledThreads), smem, stream, dim3(1, 1, splits), ordered);
 }
 
-// bf16 weights on a Hopper GPU (what sm_90a code runs on): wgmma; otherwise mma.sync.
+// On a Hopper GPU (what sm_90a code runs on) wgmma; otherwise mma.sync.
 template <int Epilogue, typename W, int BM>
 cudaError_t launch_tiled_shape(const TiledArgs &args, cudaStream_t stream) {
     bool hopper = false;
     if (const cudaError_t e = bi::is_hopper(hopper); e != cudaSuccess) return e;
-    if (sizeof(W) == 2 && hopper) return launch_tiles<BM>(wgmma_kernel<Epilogue, BM>, WgmmaTile<BM>::kSmem, args, stream);
+    if (hopper) return launch_tiles<BM>(wgmma_kernel<Epilogue, W, BM>, WgmmaTile<W, BM>::kSmem, args, stream);
     return launch_tiles<BM>(tiled_kernel<Epilogue, W, BM>, Tile<W, BM>::kSmem, args, stream);
 }
 
