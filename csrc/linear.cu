@@ -203,6 +203,7 @@ struct WgmmaTile {
     static_assert(kStages >= 3, "the pipeline needs three stages");
 };
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma_kernel's only, like its body
 // A stage's dense INT8 weight tile [kTileN][kTiledK] into the swizzled bf16 tile `out` (every
 // thread: half a row, two 16-byte loads and four 16-byte stores).
 __device__ __forceinline__ void convert_weight_tile(const int8_t *tile, unsigned char *out) {
@@ -217,6 +218,7 @@ __device__ __forceinline__ void convert_weight_tile(const int8_t *tile, unsigned
             *reinterpret_cast<uint4 *>(out + wgmma::swizzled(row, 4 * half + 2 * i + part)) = Chunk::bf16(Chunk::part(raw, part));
     }
 }
+#endif
 
 struct TiledArgs {
     void *out;

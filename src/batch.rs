@@ -72,12 +72,13 @@ struct Live {
 /// Generates every request (request i samples as sequence i), up to `decoder.slots()` at a
 /// time, stopping each after an `eos` token or its budget; events go to `on_event` as soon as
 /// they are known. Returns each request's stats: time to first token from the start of its
-/// prefill. Every request is checked before any runs.
+/// prefill. Every request is checked before any runs; after an error, the sequences still
+/// live are finished, so the decoder's slots are free again.
 pub fn generate_batch(
     decoder: &mut dyn BatchDecoder,
     requests: &[Request],
     eos: &[u32],
-    mut on_event: impl FnMut(BatchEvent) -> Result<()>,
+    on_event: impl FnMut(BatchEvent) -> Result<()>,
 ) -> Result<Vec<GenerationStats>> {
     let limit = decoder.context_limit();
     for (i, r) in requests.iter().enumerate() {
@@ -86,6 +87,28 @@ pub fn generate_batch(
             .and_then(|_| r.params.validate());
         checked.with_context(|| format!("request {}", i + 1))?;
     }
+    let mut live: Vec<Option<Live>> = vec![None; decoder.slots()];
+    let generated = run_requests(decoder, requests, eos, &mut live, on_event);
+    if generated.is_err() {
+        for (slot, sequence) in live.iter().enumerate() {
+            if sequence.is_some() {
+                // The first error is the one to report.
+                let _ = decoder.finish(slot);
+            }
+        }
+    }
+    generated
+}
+
+/// `generate_batch`'s loop over checked requests, with `live` holding each slot's sequence.
+fn run_requests(
+    decoder: &mut dyn BatchDecoder,
+    requests: &[Request],
+    eos: &[u32],
+    live: &mut [Option<Live>],
+    mut on_event: impl FnMut(BatchEvent) -> Result<()>,
+) -> Result<Vec<GenerationStats>> {
+    let limit = decoder.context_limit();
     let budget = |r: &Request| r.max_tokens.min(limit - r.prompt.len());
     let mut stats: Vec<GenerationStats> = requests
         .iter()
@@ -94,7 +117,6 @@ pub fn generate_batch(
             ..Default::default()
         })
         .collect();
-    let mut live: Vec<Option<Live>> = vec![None; decoder.slots()];
     let mut next = 0; // the first request not started
     loop {
         // The waiting requests that the free slots and the room take, started together. A

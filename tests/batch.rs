@@ -112,12 +112,26 @@ fn an_end_token_stops_its_request_only() {
     assert_eq!(stats[1].stopped_on_eos, stop_in_1.is_some());
 }
 
-/// A decoder whose slots emit `100 * request + step` and whose KV room holds `room` positions.
+/// A decoder whose slots emit `100 * request + step`, whose KV room holds `room` positions,
+/// and whose start call number `failing_call` (counting from 1) fails.
 struct Fake {
     room: usize,
     live: Vec<Option<(u32, u32, usize)>>, // (request, step, positions)
     most_live: usize,
     start_calls: usize,
+    failing_call: Option<usize>,
+}
+
+impl Fake {
+    fn new(room: usize, slots: usize, failing_call: Option<usize>) -> Self {
+        Self {
+            room,
+            live: vec![None; slots],
+            most_live: 0,
+            start_calls: 0,
+            failing_call,
+        }
+    }
 }
 
 impl BatchDecoder for Fake {
@@ -139,6 +153,11 @@ impl BatchDecoder for Fake {
         ensure!(
             self.has_room(&positions),
             "no room for {positions:?} positions"
+        );
+        ensure!(
+            self.failing_call != Some(self.start_calls + 1),
+            "start call {} fails",
+            self.start_calls + 1
         );
         for (s, &p) in starts.iter().zip(&positions) {
             ensure!(self.live[s.slot].is_none(), "slot {} is busy", s.slot);
@@ -177,12 +196,7 @@ fn requests_wait_for_kv_room_and_one_that_never_fits_is_an_error() {
         })
         .collect();
     // Four slots, but room for two requests of 9-13 positions at a time.
-    let mut fake = Fake {
-        room: 24,
-        live: vec![None; 4],
-        most_live: 0,
-        start_calls: 0,
-    };
+    let mut fake = Fake::new(24, 4, None);
     let (tokens, _) = run(&mut fake, &requests, &[]).unwrap();
     assert_eq!(fake.most_live, 2);
     // Requests 1 and 2 start together; 3, 4 and 5 each when one before them finishes.
@@ -191,16 +205,23 @@ fn requests_wait_for_kv_room_and_one_that_never_fits_is_an_error() {
         let expected: Vec<u32> = (0..3 + i as u32).map(|s| 100 * i as u32 + s).collect();
         assert_eq!(*t, expected, "request {i}");
     }
-    let mut small = Fake {
-        room: 8,
-        live: vec![None; 4],
-        most_live: 0,
-        start_calls: 0,
-    };
+    let mut small = Fake::new(8, 4, None);
     let err = run(&mut small, &requests, &[]).unwrap_err();
     assert!(
         format!("{err:#}").contains("request 1: no room for [9] positions"),
         "{err:#}"
+    );
+    // A failure once requests 1 and 2 run (starting request 3): request 2, still live, is
+    // finished, so the slots are free again.
+    let mut failing = Fake::new(24, 4, Some(2));
+    let err = generate_batch(&mut failing, &requests, &[], |_| Ok(())).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("request 3: start call 2 fails"),
+        "{err:#}"
+    );
+    assert!(
+        failing.live.iter().all(Option::is_none),
+        "live sequences left behind"
     );
 }
 

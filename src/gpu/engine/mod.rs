@@ -1,5 +1,5 @@
 //! The GPU engine: weights, paged KV cache and static buffers allocated once; prompts prefilled
-//! in chunks; the whole decode step (embedding, 28 layers, final norm, LM head, sampling, and
+//! in passes (those started together packed into shared ones: start.rs); the whole decode step (embedding, 28 layers, final norm, LM head, sampling, and
 //! the sampled token fed back as the next input) captured into one CUDA graph and replayed.
 //!
 //! Everything that changes between steps lives on the device: the sampler writes the next
@@ -30,7 +30,8 @@ pub struct EngineOptions {
     pub max_batch: usize,
     /// KV cache size; None: enough for `max_batch` full contexts, within 90% of free memory.
     pub kv_cache_bytes: Option<usize>,
-    /// Prompt tokens per prefill pass.
+    /// Rows per prefill pass: a long prompt takes several; prompts started together share them
+    /// (each from a multiple of 64 rows).
     pub prefill_chunk: usize,
     /// Weight format of the linear layers and the LM head.
     pub quant: Quant,
