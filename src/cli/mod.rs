@@ -102,7 +102,8 @@ pub struct Args {
     #[arg(long)]
     pub no_think: bool,
 
-    /// Print prompt length, prefill tok/s, time to first token and decode tok/s to stderr.
+    /// Print prompt length, prefill tok/s, time to first token and decode tok/s to stderr (with
+    /// --prompts: the totals, overall tok/s and the range of times to first token).
     #[arg(long)]
     pub stats: bool,
 
