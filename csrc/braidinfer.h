@@ -119,18 +119,18 @@ cudaError_t bi_attention(bi_bf16 *out, float *partials, int32_t *counters, const
                          const int32_t *block_tables, int m, int max_blocks, int splits,
                          cudaStream_t stream);
 
-/* Rows per block of bi_prefill_attention: a prefill pass packs each prompt's rows from a
- * multiple of this. */
+/* Most rows of one tile of bi_prefill_attention. */
 #define BI_PREFILL_TILE_ROWS 64
 
-/* bi_attention for prompt rows (prefill): each tile of BI_PREFILL_TILE_ROWS rows, from row 0,
- * holds rows of one sequence, row_seq[first row of the tile] (the tile's other entries are not
- * read), and padding rows (negative positions, zeros out); a tile's rows share each K/V tile
- * (flash attention), so a prompt's K/V is read once per tile instead of once per row. Arguments
- * as bi_attention's, without the workspaces and splits. */
+/* bi_attention for prompt rows (prefill), over `tiles` row tiles: tile t is rows
+ * [row_tiles[2t], row_tiles[2t] + row_tiles[2t + 1]), 1 to BI_PREFILL_TILE_ROWS rows of one
+ * sequence, row_seq[row_tiles[2t]] (the tile's other entries are not read); rows with negative
+ * positions are padding (zeros out). A tile's rows share each K/V tile (flash attention), so a
+ * prompt's K/V is read once per tile instead of once per row. Arguments otherwise as
+ * bi_attention's, without the workspaces and splits. */
 cudaError_t bi_prefill_attention(bi_bf16 *out, const bi_bf16 *q, const bi_bf16 *k_cache, const bi_bf16 *v_cache,
-                                 const int32_t *positions, const int32_t *row_seq, const int32_t *block_tables, int m,
-                                 int max_blocks, cudaStream_t stream);
+                                 const int32_t *positions, const int32_t *row_seq, const int32_t *block_tables,
+                                 const int32_t *row_tiles, int tiles, int max_blocks, cudaStream_t stream);
 
 /* Decode attention with bi_qk_norm_rope_cache's work folded in: every row is a different
  * sequence's next token, so each (row, kv head) prepares its query heads from qkv itself, and

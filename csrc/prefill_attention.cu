@@ -1,6 +1,6 @@
-// Causal GQA attention of prompt rows (prefill), flash-attention style: a block takes 64 rows
-// of one sequence (a prefill pass may pack several prompts, each from a multiple of 64 rows) and
-// one kv head, and streams that head's K/V through shared memory in tiles of
+// Causal GQA attention of prompt rows (prefill), flash-attention style: a block takes one tile
+// of up to 64 rows of one sequence (a prefill pass may pack several prompts back to back; the
+// host lists each prompt's tiles) and one kv head, and streams that head's K/V through shared memory in tiles of
 // 64 positions (double-buffered cp.async), which its 8 warps share: warp w multiplies rows
 // 16 (w % 4).. of query head 2 kv_head + w / 4 against each tile on the tensor core (scores
 // Q.K^T, then P.V with P straight from the score registers), with a running softmax per row.
@@ -40,17 +40,19 @@ __device__ __forceinline__ void load_tile(bi_bf16 *k, bi_bf16 *v, const bi_bf16 
     asm volatile("cp.async.commit_group;\n");
 }
 
-// grid (row blocks, kv heads), heaviest row blocks (the last rows) first.
+// grid (row tiles, kv heads), the last tiles (a prompt's heaviest: its latest positions) first.
 __global__ void __launch_bounds__(kThreads) prefill_kernel(bi_bf16 *__restrict__ out, const bi_bf16 *__restrict__ q,
                                                            const bi_bf16 *__restrict__ k_cache,
                                                            const bi_bf16 *__restrict__ v_cache,
                                                            const int32_t *__restrict__ positions,
                                                            const int32_t *__restrict__ row_seq,
-                                                           const int32_t *__restrict__ block_tables, int max_blocks, int m) {
+                                                           const int32_t *__restrict__ block_tables,
+                                                           const int32_t *__restrict__ row_tiles, int max_blocks) {
     extern __shared__ __align__(16) bi_bf16 tiles[];  // [buffer][K, V][kKeys][kPitch]
     __shared__ int block_last;
     const int warp = threadIdx.x / bi::kWarp, lane = threadIdx.x % bi::kWarp, g = lane / 4, q4 = lane % 4;
-    const int row0 = (gridDim.x - 1 - blockIdx.x) * kRows, kv_head = blockIdx.y;
+    const int tile = gridDim.x - 1 - blockIdx.x, kv_head = blockIdx.y;
+    const int row0 = row_tiles[2 * tile], m = row0 + row_tiles[2 * tile + 1];  // rows [row0, m)
     const int head = kv_head * kGroup + warp / 4, rows = row0 + 16 * (warp % 4);  // this warp's 16 rows
     bi::allow_next_kernel();
     bi::wait_for_previous_kernel();
@@ -72,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(bi_bf16 *__restrict__
     const int tiles_needed = last / kKeys + 1;
     load_tile(tiles, tiles + kTileElems, k_cache, v_cache, table, kv_head, 0, last);
 
-    // Q as A fragments: k-step s (dims 16 s..) of rows g and g + 8 (zeros past m).
+    // Q as A fragments: k-step s (dims 16 s..) of rows g and g + 8 (zeros past the tile).
     uint32_t qa[BI_HEAD_DIM / 16][4];
     auto q_pair = [&](int row, int dim) {
         return row < m ? *reinterpret_cast<const uint32_t *>(q + (static_cast<size_t>(row) * BI_Q_HEADS + head) * BI_HEAD_DIM + dim) : 0u;
@@ -184,10 +186,10 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(bi_bf16 *__restrict__
 
 extern "C" cudaError_t bi_prefill_attention(bi_bf16 *out, const bi_bf16 *q, const bi_bf16 *k_cache, const bi_bf16 *v_cache,
                                             const int32_t *positions, const int32_t *row_seq, const int32_t *block_tables,
-                                            int m, int max_blocks, cudaStream_t stream) {
-    if (m <= 0 || max_blocks <= 0) return cudaErrorInvalidValue;
+                                            const int32_t *row_tiles, int tiles, int max_blocks, cudaStream_t stream) {
+    if (tiles <= 0 || max_blocks <= 0) return cudaErrorInvalidValue;
     const cudaError_t e = cudaFuncSetAttribute(prefill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (e != cudaSuccess) return e;
-    return bi::launch(prefill_kernel, dim3((m + kRows - 1) / kRows, BI_KV_HEADS), dim3(kThreads), kSmemBytes, stream, out, q,
-                      k_cache, v_cache, positions, row_seq, block_tables, max_blocks, m);
+    return bi::launch(prefill_kernel, dim3(tiles, BI_KV_HEADS), dim3(kThreads), kSmemBytes, stream, out, q, k_cache, v_cache,
+                      positions, row_seq, block_tables, row_tiles, max_blocks);
 }

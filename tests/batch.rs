@@ -278,8 +278,8 @@ fn bad_requests_fail_before_anything_runs() {
 }
 
 #[test]
-fn prefill_passes_pack_prompts_from_tile_boundaries() {
-    use braidinfer::gpu::prefill_plan::{plan, rows, Piece};
+fn prefill_passes_pack_prompts_back_to_back_in_tiles_of_one_prompt() {
+    use braidinfer::gpu::prefill_plan::{plan, rows, tiles, Piece};
     let piece = |prompt, row, position, len| Piece {
         prompt,
         row,
@@ -288,48 +288,59 @@ fn prefill_passes_pack_prompts_from_tile_boundaries() {
     };
     // One prompt: passes of `chunk` tokens, as a lone prompt always had.
     assert_eq!(
-        plan(&[70], 32, 64),
+        plan(&[70], 32),
         vec![
             vec![piece(0, 0, 0, 32)],
             vec![piece(0, 0, 32, 32)],
             vec![piece(0, 0, 64, 6)]
         ]
     );
-    // Short prompts side by side, each from a multiple of 64 rows; a long one continues in the
-    // next pass.
-    let passes = plan(&[23, 100, 3000, 10], 2048, 64);
+    // Prompts back to back; a long one continues in the next pass.
+    let passes = plan(&[23, 100, 3000, 10], 2048);
     assert_eq!(
         passes,
         vec![
             vec![
                 piece(0, 0, 0, 23),
-                piece(1, 64, 0, 100),
-                piece(2, 192, 0, 1856)
+                piece(1, 23, 0, 100),
+                piece(2, 123, 0, 1925)
             ],
-            vec![piece(2, 0, 1856, 1144), piece(3, 1152, 0, 10)],
+            vec![piece(2, 0, 1925, 1075), piece(3, 1075, 0, 10)],
         ]
     );
-    assert_eq!(rows(&passes[1]), 1162);
-    // Any mix: every prompt's positions covered once, in order, from tile boundaries, inside
-    // the pass.
-    let mut rng = common::fresh_rng("prefill_passes_pack_prompts_from_tile_boundaries");
+    assert_eq!(rows(&passes[1]), 1085);
+    // Each piece cut into tiles of 64 rows from its first row.
+    let first = tiles(&passes[0]);
+    assert_eq!(first[..4], [(0, 23), (23, 64), (87, 36), (123, 64)]);
+    assert_eq!((first.len(), first[first.len() - 1]), (34, (2043, 5)));
+    // Any mix: every prompt's positions covered once, in order, within the pass; the tiles
+    // cover the pass's rows once, in order, each inside one piece.
+    let mut rng = common::fresh_rng("prefill_passes_pack_prompts_back_to_back");
     for _ in 0..200 {
         let lens: Vec<usize> = (0..1 + rng.next_u64() % 20)
             .map(|_| 1 + (rng.next_u64() % 300) as usize)
             .collect();
         let chunk = [20, 64, 80, 128, 512][(rng.next_u64() % 5) as usize];
         let mut next_position = vec![0; lens.len()];
-        for pass in plan(&lens, chunk, 64) {
+        for pass in plan(&lens, chunk) {
             assert!(rows(&pass) <= chunk && !pass.is_empty());
-            for (i, p) in pass.iter().enumerate() {
-                assert_eq!(p.row % 64, 0);
-                assert!(p.len > 0);
+            let mut row = 0;
+            for p in &pass {
+                assert!(p.len > 0 && p.row == row, "{lens:?} {chunk}");
                 assert_eq!(p.position, next_position[p.prompt], "{lens:?} {chunk}");
                 next_position[p.prompt] += p.len;
-                if let Some(next) = pass.get(i + 1) {
-                    assert!(p.row + p.len <= next.row);
-                }
+                row += p.len;
             }
+            let mut row = 0;
+            for (first, len) in tiles(&pass) {
+                assert!(first == row && (1..=64).contains(&len));
+                let piece = pass
+                    .iter()
+                    .find(|p| p.row <= first && first < p.row + p.len);
+                assert!(first + len <= piece.map_or(0, |p| p.row + p.len));
+                row += len;
+            }
+            assert_eq!(row, rows(&pass));
         }
         assert_eq!(next_position, lens);
     }

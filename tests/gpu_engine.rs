@@ -214,9 +214,10 @@ fn packed_prefill_and_batched_decode_match_the_cpu_reference(name: &str, quant: 
     );
     engine.capture().unwrap();
     // Sequences of different lengths in slots 0, 3, 17, 40 and 69, started together: their
-    // prompts packed into prefill passes of 256 rows, each from a multiple of 64 (pass 1: slot
-    // 0's 37 rows and slot 3's first 192; pass 2: slot 3's last 108, slot 17's 5, slot 40's 9;
-    // pass 3: slot 69's 5). While slot 69 lives a step is
+    // prompts packed back to back into prefill passes of 256 rows (pass 1: slot 0's 37 rows and
+    // slot 3's first 219; pass 2: slot 3's last 81, then slots 17, 40 and 69: row tiles of the
+    // prefill attention starting at rows that are not multiples of 64). While slot 69 lives a
+    // step is
     // a batch of 70 (one chain of separate kernels: tiled products, k split over clusters, q/k
     // norm + RoPE before attention; 65 padding rows); once it finishes, a batch of 64 (two
     // concurrent chains of 32 rows, their products tiled beside each other); once slot 40

@@ -736,11 +736,12 @@ fn assert_attention_rows<'t>(
     }
 }
 
-/// Prefill attention (64-row tiles sharing K/V tiles) against the CPU: a prompt from position 0
-/// (one row, then 130 rows: a partial last tile), a later chunk of 199 rows (positions 37..235,
-/// the first 37 already in the cache) and a padding row, and two prompts packed in one launch
-/// (40 rows of sequence 1, padding to the next tile, then 90 rows of sequence 0 from position
-/// 10). row_seq is read at each tile's first row only: the rest is poison.
+/// Prefill attention (row tiles of one sequence sharing K/V tiles) against the CPU: a prompt from
+/// position 0 (one row, then 130 rows: a partial last tile), a later chunk of 199 rows
+/// (positions 37..235, the first 37 already in the cache) and a padding row, and two prompts
+/// packed back to back (40 rows of sequence 1, then 90 rows of sequence 0 from position 10, in
+/// tiles from rows 0, 40 and 104). row_seq is read at each tile's first row only: the rest is
+/// poison.
 #[test]
 fn gpu_prefill_attention_matches_reference() {
     let Some(gpu) = common::gpu_or_skip("gpu_prefill_attention_matches_reference") else {
@@ -748,32 +749,41 @@ fn gpu_prefill_attention_matches_reference() {
     };
     let mut rng = common::fresh_rng("gpu_prefill_attention");
     let max_blocks = 16;
-    let tile = kernels::PREFILL_TILE_ROWS;
     let (tables, k_bits, v_bits) = random_paged_cache(&mut rng, 2, max_blocks);
     let (k_all, v_all) = (bits_to_f32(&k_bits), bits_to_f32(&v_bits));
     let d_tables = gpu.upload(&tables).unwrap();
     let (d_k, d_v) = (gpu.upload(&k_bits).unwrap(), gpu.upload(&v_bits).unwrap());
-    // Each case: pieces (sequence, first position, rows), each from a tile boundary; rows.
+    // Each case: pieces (sequence, first position, rows) back to back; padding rows after them;
+    // the row tiles.
     type Piece = (i32, usize, usize);
-    let cases: [(&[Piece], usize); 4] = [
-        (&[(1, 0, 1)], 1),
-        (&[(1, 0, 130)], 130),
-        (&[(0, 37, 199)], 200),
-        (&[(1, 0, 40), (0, 10, 90)], 154),
+    type Case<'c> = (&'c [Piece], usize, &'c [(usize, usize)]);
+    let cases: [Case; 4] = [
+        (&[(1, 0, 1)], 0, &[(0, 1)]),
+        (&[(1, 0, 130)], 0, &[(0, 64), (64, 64), (128, 2)]),
+        (
+            &[(0, 37, 199)],
+            1,
+            &[(0, 64), (64, 64), (128, 64), (192, 8)],
+        ),
+        (
+            &[(1, 0, 40), (0, 10, 90)],
+            0,
+            &[(0, 40), (40, 64), (104, 26)],
+        ),
     ];
-    for (pieces, m) in cases {
-        let (mut positions, mut row_seq, mut seq_of_row) =
-            (vec![-1i32; m], vec![-7i32; m], vec![0; m]);
-        let mut row = 0;
+    let mut d_tiles = kernels::RowTiles::new(&gpu, 4).unwrap();
+    for (pieces, padding, row_tiles) in cases {
+        let (mut positions, mut seq_of_row) = (Vec::new(), Vec::new());
         for &(seq, first, len) in pieces {
-            for i in 0..len {
-                positions[row + i] = (first + i) as i32;
-                seq_of_row[row + i] = seq as usize;
-                if (row + i) % tile == 0 {
-                    row_seq[row + i] = seq;
-                }
-            }
-            row = (row + len).next_multiple_of(tile);
+            positions.extend((first..first + len).map(|p| p as i32));
+            seq_of_row.extend(std::iter::repeat_n(seq, len));
+        }
+        positions.extend(std::iter::repeat_n(-1, padding));
+        seq_of_row.extend(std::iter::repeat_n(0, padding));
+        let m = positions.len();
+        let mut row_seq = vec![-7i32; m];
+        for &(first, _) in row_tiles {
+            row_seq[first] = seq_of_row[first];
         }
         let q_bits = random_bf16(&mut rng, m * 2048, 1.0);
         let q = bits_to_f32(&q_bits);
@@ -782,6 +792,7 @@ fn gpu_prefill_attention_matches_reference() {
             gpu.upload(&row_seq).unwrap(),
             gpu.upload(&q_bits).unwrap(),
         );
+        d_tiles.write(&gpu, row_tiles).unwrap();
         let rows = Rows {
             positions: &d_pos,
             row_seq: &d_seq,
@@ -790,10 +801,10 @@ fn gpu_prefill_attention_matches_reference() {
             m,
         };
         let mut d_out = gpu.upload(&vec![POISON_BF16; m * 2048]).unwrap();
-        kernels::prefill_attention(&gpu, &mut d_out, &d_q, &d_k, &d_v, &rows).unwrap();
+        kernels::prefill_attention(&gpu, &mut d_out, &d_q, &d_k, &d_v, &rows, &d_tiles).unwrap();
         let out = bits_to_f32(&gpu.download(&d_out).unwrap());
         common::assert_all_finite(&out, "prefill attention out");
-        let table = |r: usize| &tables[seq_of_row[r] * max_blocks..];
+        let table = |r: usize| &tables[seq_of_row[r] as usize * max_blocks..];
         let cache = (k_all.as_slice(), v_all.as_slice());
         assert_attention_rows(&out, &q, &positions, table, cache, &format!("{pieces:?}"));
     }

@@ -9,8 +9,8 @@ use cudarc::driver::{CudaSlice, DevicePtrMut};
 
 use super::kernels::{
     self, DecodeLayer, DecodeScratch, Epilogue, LayerCache, LayerKnobs, NormEpilogue, Placement,
-    Rows, DECODE_LAYER_MAX_ROWS, HIDDEN, INTERMEDIATE, KV_HEADS, PARTIAL_FLOATS, QKV_WIDTH,
-    Q_HEADS, Q_WIDTH,
+    RowTiles, Rows, DECODE_LAYER_MAX_ROWS, HIDDEN, INTERMEDIATE, KV_HEADS, PARTIAL_FLOATS,
+    QKV_WIDTH, Q_HEADS, Q_WIDTH,
 };
 use super::kv_cache::KvCache;
 use super::weights::DeviceWeights;
@@ -34,6 +34,7 @@ pub struct StepBuffers {
     partials: CudaSlice<f32>, // [rows, 16, splits, 130]
     counters: CudaSlice<i32>, // [rows, 8] attention completion counters, kept zero
     arrivals: CudaSlice<u64>, // [1 + 8] fused layer kernel: grid-barrier arrivals, kv heads done
+    tiles: RowTiles,   // prefill: the row tiles of the prefill attention
     /// None, or [layers, SMs, TRACE_EVENTS]: the fused layer launches' timelines.
     pub trace: Option<CudaSlice<u64>>,
 }
@@ -55,6 +56,7 @@ impl StepBuffers {
             partials: gpu.alloc(rows * Q_HEADS * splits * PARTIAL_FLOATS)?,
             counters: gpu.alloc(rows * KV_HEADS)?,
             arrivals: gpu.alloc(1 + KV_HEADS)?,
+            tiles: RowTiles::new(gpu, rows)?,
             trace: None,
         })
     }
@@ -256,18 +258,20 @@ impl Forward {
         Ok(())
     }
 
-    /// Embedding and every layer for the first `m` rows, kernel by kernel (prefill: the rows are
-    /// one sequence's prompt tokens, as `kernels::prefill_attention` needs); K/V of the rows go
-    /// into `cache`, and `bufs.x` ends holding the final residual stream.
-    pub fn layers(
+    /// Embedding and every layer for the first `m` rows, kernel by kernel: prompt tokens, whose
+    /// rows `tiles` ((first row, rows) each) cut into the prefill attention's tiles of one
+    /// sequence each. K/V of the rows go into `cache`, and `bufs.x` ends holding the final
+    /// residual stream.
+    pub fn prefill_layers(
         &self,
         bufs: &mut StepBuffers,
         cache: &mut KvCache,
         m: usize,
-        splits: usize,
+        tiles: &[(usize, usize)],
     ) -> Result<()> {
+        bufs.tiles.write(&self.gpu, tiles)?;
         self.embed(bufs, m)?;
-        self.layer_rows(&self.gpu, bufs, cache, 0..m, splits, Tokens::Prefill)
+        self.layer_rows(&self.gpu, bufs, cache, 0..m, 1, Tokens::Prefill)
     }
 
     /// Every layer for `rows` of the buffers, kernel by kernel on `gpu`'s stream.
@@ -353,7 +357,7 @@ impl Forward {
                         c.rms_eps,
                     )?;
                     if let Tokens::Prefill = tokens {
-                        kernels::prefill_attention(gpu, &mut attn, &q, &k, &v, &rows)?;
+                        kernels::prefill_attention(gpu, &mut attn, &q, &k, &v, &rows, &bufs.tiles)?;
                     } else {
                         kernels::attention(
                             gpu,

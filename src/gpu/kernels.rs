@@ -452,8 +452,52 @@ pub fn attention<P: DevicePtr<i32>>(
     check(code, "bi_attention")
 }
 
-/// `attention` for the rows of one prompt (every row of sequence `row_seq[0]`), flash-style:
-/// blocks of 64 rows share each K/V tile (csrc/prefill_attention.cu).
+/// The row tiles of a prefill pass on the device, for `prefill_attention`: (first row, rows)
+/// pairs, each 1 to PREFILL_TILE_ROWS rows of one sequence; checked when written.
+pub struct RowTiles {
+    pairs: CudaSlice<i32>, // [capacity, 2]
+    count: usize,
+    end: usize, // rows the tiles reach
+}
+
+impl RowTiles {
+    pub fn new(gpu: &Gpu, capacity: usize) -> Result<Self> {
+        Ok(Self {
+            pairs: gpu.alloc(2 * capacity.max(1))?,
+            count: 0,
+            end: 0,
+        })
+    }
+
+    /// Replaces the tiles with `tiles` ((first row, rows) each).
+    pub fn write(&mut self, gpu: &Gpu, tiles: &[(usize, usize)]) -> Result<()> {
+        ensure!(
+            2 * tiles.len() <= self.pairs.len(),
+            "{} row tiles for room for {}",
+            tiles.len(),
+            self.pairs.len() / 2
+        );
+        let mut pairs = Vec::with_capacity(2 * tiles.len());
+        for &(first, rows) in tiles {
+            ensure!(
+                (1..=PREFILL_TILE_ROWS).contains(&rows),
+                "a row tile of {rows} rows (1 to {PREFILL_TILE_ROWS})"
+            );
+            pairs.extend([dim(first, "tile row")?, rows as i32]);
+        }
+        gpu.write(&mut self.pairs, &pairs)?;
+        self.count = tiles.len();
+        self.end = tiles
+            .iter()
+            .map(|&(first, rows)| first + rows)
+            .max()
+            .unwrap_or(0);
+        Ok(())
+    }
+}
+
+/// `attention` for prompt rows, flash-style: each row tile of `tiles` (rows of one sequence)
+/// shares each K/V tile (csrc/prefill_attention.cu).
 pub fn prefill_attention<P: DevicePtr<i32>>(
     gpu: &Gpu,
     out: &mut impl DevicePtrMut<u16>,
@@ -461,11 +505,23 @@ pub fn prefill_attention<P: DevicePtr<i32>>(
     k_cache: &impl DevicePtr<u16>,
     v_cache: &impl DevicePtr<u16>,
     rows: &Rows<'_, P>,
+    tiles: &RowTiles,
 ) -> Result<()> {
     attention_out_fits(out, rows)?;
     fits(q, rows.m * Q_WIDTH, "attention q")?;
-    let (m, max_blocks) = (dim(rows.m, "m")?, dim(rows.max_blocks, "max_blocks")?);
-    // SAFETY: lengths checked above; block ids come from the host allocator; pointers are live.
+    ensure!(
+        tiles.count > 0 && tiles.end <= rows.m,
+        "{} row tiles reaching row {} for {} rows",
+        tiles.count,
+        tiles.end,
+        rows.m
+    );
+    let (count, max_blocks) = (
+        dim(tiles.count, "tiles")?,
+        dim(rows.max_blocks, "max_blocks")?,
+    );
+    // SAFETY: lengths checked above, the tiles inside the rows; block ids come from the host
+    // allocator; pointers are live.
     let code = unsafe {
         ffi::bi_prefill_attention(
             pm(gpu, out),
@@ -475,7 +531,8 @@ pub fn prefill_attention<P: DevicePtr<i32>>(
             p(gpu, rows.positions),
             p(gpu, rows.row_seq),
             p(gpu, rows.block_tables),
-            m,
+            p(gpu, &tiles.pairs),
+            count,
             max_blocks,
             gpu.raw_stream(),
         )

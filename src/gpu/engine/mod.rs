@@ -30,8 +30,8 @@ pub struct EngineOptions {
     pub max_batch: usize,
     /// KV cache size; None: enough for `max_batch` full contexts, within 90% of free memory.
     pub kv_cache_bytes: Option<usize>,
-    /// Rows per prefill pass: a long prompt takes several; prompts started together share them
-    /// (each from a multiple of 64 rows).
+    /// Rows per prefill pass: a long prompt takes several; prompts started together share them,
+    /// back to back.
     pub prefill_chunk: usize,
     /// Weight format of the linear layers and the LM head.
     pub quant: Quant,

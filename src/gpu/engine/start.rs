@@ -5,7 +5,7 @@ use anyhow::{ensure, Result};
 
 use super::Engine;
 use crate::batch::SequenceStart;
-use crate::gpu::kernels::{self, SampleState, MAX_TOP_K, PREFILL_TILE_ROWS, SAMPLE_CHUNKS};
+use crate::gpu::kernels::{self, SampleState, MAX_TOP_K, SAMPLE_CHUNKS};
 use crate::gpu::prefill_plan;
 use crate::sampling::SamplingParams;
 
@@ -33,9 +33,9 @@ impl Engine {
     }
 
     /// Starts sequences in distinct slots as `start_sequence` does, their prompts prefilled
-    /// together: packed into shared prefill passes (each from a multiple of
-    /// PREFILL_TILE_ROWS rows), and the last positions' LM heads run on up to
-    /// PROMPT_LOGITS_ROWS rows at once. Nothing starts unless the KV cache holds them all.
+    /// together: packed back to back into shared prefill passes, and the last positions' LM
+    /// heads run on up to PROMPT_LOGITS_ROWS rows at once. Nothing starts unless the KV cache
+    /// holds them all.
     pub fn start_sequences(&mut self, starts: &[SequenceStart]) -> Result<()> {
         self.start(starts, false).map(drop)
     }
@@ -160,19 +160,18 @@ impl Engine {
         } else {
             None
         };
-        for pass in prefill_plan::plan(&lens, self.prefill.rows, PREFILL_TILE_ROWS) {
+        for pass in prefill_plan::plan(&lens, self.prefill.rows) {
             let m = prefill_plan::rows(&pass);
-            // Padding rows: token 0, position -1, and the sequence of the piece before them.
             let (mut ids, mut positions, mut row_seq) =
-                (vec![0i32; m], vec![-1i32; m], vec![0i32; m]);
+                (vec![0i32; m], vec![0i32; m], vec![0i32; m]);
             for piece in &pass {
                 let s = &starts[piece.prompt];
                 let tokens = &s.prompt[piece.position..piece.position + piece.len];
                 for (i, &t) in tokens.iter().enumerate() {
                     ids[piece.row + i] = t as i32;
                     positions[piece.row + i] = (piece.position + i) as i32;
+                    row_seq[piece.row + i] = s.slot as i32;
                 }
-                row_seq[piece.row..].fill(s.slot as i32);
             }
             self.forward.gpu.write(&mut self.prefill.tokens, &ids)?;
             self.forward
@@ -181,8 +180,12 @@ impl Engine {
             self.forward
                 .gpu
                 .write(&mut self.prefill.row_seq, &row_seq)?;
-            self.forward
-                .layers(&mut self.prefill, &mut self.cache, m, 1)?;
+            self.forward.prefill_layers(
+                &mut self.prefill,
+                &mut self.cache,
+                m,
+                &prefill_plan::tiles(&pass),
+            )?;
             if let (Some(all), Some(buffer)) = (collected.as_mut(), pass_logits.as_mut()) {
                 self.forward.logits(&mut self.prefill, 0, m, buffer)?;
                 all.extend_from_slice(&self.forward.gpu.download(buffer)?[..m * v]);
