@@ -1,9 +1,10 @@
 // Causal GQA attention of prompt rows (prefill), flash-attention style: a block takes one tile
 // of up to 64 rows of one sequence (a prefill pass may pack several prompts back to back; the
-// host lists each prompt's tiles) and one kv head, and streams that head's K/V through shared memory in tiles of
-// 64 positions (double-buffered cp.async), which its 8 warps share: warp w multiplies rows
-// 16 (w % 4).. of query head 2 kv_head + w / 4 against each tile on the tensor core (scores
-// Q.K^T, then P.V with P straight from the score registers), with a running softmax per row.
+// host lists each prompt's tiles) and one kv head, and streams that head's K/V through shared
+// memory in tiles of 64 positions (double-buffered cp.async), which its 8 warps share: warp w
+// multiplies rows 16 (w % 4).. of query head 2 kv_head + w / 4 against each tile on the tensor
+// core (scores Q.K^T, then P.V with P straight from the score registers), with a running
+// softmax per row.
 // The decode kernel (attention.cu), which prefill used before, reads every row's K/V range on
 // its own: a prompt of n tokens read ~n^2 / 2 K/V rows per layer, and a 2,000-token prefill took
 // 44.3 ms (45,181 tok/s); with this kernel 9.8 ms (204,143 tok/s; H200, benches/decode.rs).
@@ -40,7 +41,7 @@ __device__ __forceinline__ void load_tile(bi_bf16 *k, bi_bf16 *v, const bi_bf16 
     asm volatile("cp.async.commit_group;\n");
 }
 
-// grid (row tiles, kv heads), the last tiles (a prompt's heaviest: its latest positions) first.
+// grid (row tiles, kv heads), the last tiles first (within a prompt, the heaviest: its latest positions).
 __global__ void __launch_bounds__(kThreads) prefill_kernel(bi_bf16 *__restrict__ out, const bi_bf16 *__restrict__ q,
                                                            const bi_bf16 *__restrict__ k_cache,
                                                            const bi_bf16 *__restrict__ v_cache,
