@@ -261,6 +261,29 @@ fn a_prompts_file_answers_every_line_together() {
         out.stderr
     );
 
+    // The same prompts from standard input.
+    let piped = Command::new(env!("CARGO_BIN_EXE_braidinfer"))
+        .args([
+            "--model",
+            &model,
+            "--prompts",
+            "-",
+            "--batch",
+            "2",
+            "--max-tokens",
+            "6",
+            "--backend",
+            "cpu",
+        ])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .expect("running braidinfer");
+    assert_eq!(
+        String::from_utf8_lossy(&piped.stdout),
+        out.stdout,
+        "the same answers from standard input"
+    );
+
     let empty = common::temp_dir("cli-prompts-empty").join("prompts.txt");
     std::fs::write(&empty, "\n  \n").unwrap();
     let synthetic = ["--synthetic", "--layers", "1"];

@@ -40,8 +40,9 @@ pub struct Args {
     #[arg(long)]
     pub prompt: Option<String>,
 
-    /// A file of user messages, one per line (blank lines skipped), generated together, up to
-    /// --batch at a time; each answer is printed whole when it finishes.
+    /// A file of user messages, one per line (blank lines skipped; `-`: standard input),
+    /// generated together, up to --batch at a time; each answer is printed whole when it
+    /// finishes.
     #[arg(long, value_name = "FILE", conflicts_with = "prompt")]
     pub prompts: Option<PathBuf>,
 
@@ -186,10 +187,15 @@ fn validate(args: &Args) -> Result<Validated> {
     })
 }
 
-/// The non-blank lines of `file`.
+/// The non-blank lines of `file` (`-`: standard input).
 fn read_prompts(file: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("reading the prompts file {}", file.display()))?;
+    let text = if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin())
+            .context("reading the prompts from standard input")?
+    } else {
+        std::fs::read_to_string(file)
+            .with_context(|| format!("reading the prompts file {}", file.display()))?
+    };
     let prompts: Vec<String> = text
         .lines()
         .filter(|line| !line.trim().is_empty())
