@@ -5,7 +5,7 @@
 use anyhow::{ensure, Result};
 
 use crate::config::ModelConfig;
-use crate::quant::int8_round_trip;
+use crate::quant::{int8_round_trip, Quant};
 use crate::weights::{LayerWeights, ModelWeights};
 
 struct CpuLayer {
@@ -87,9 +87,13 @@ impl CpuModel {
         self
     }
 
-    /// The same model with every linear layer's weights (the LM head included, the embedding
-    /// gather not) through a symmetric per-channel INT8 round trip: what INT8 kernels compute.
-    pub fn with_int8_weights(mut self) -> Self {
+    /// The same model with its weights as `quant` stores them: unchanged for bf16; for INT8,
+    /// every linear layer's weights (the LM head included, the embedding gather not) through a
+    /// symmetric per-channel INT8 round trip, which is what the INT8 kernels compute with.
+    pub fn with_weights(mut self, quant: Quant) -> Self {
+        if quant == Quant::Bf16 {
+            return self;
+        }
         let (h, c) = (self.config.hidden, &self.config);
         let (qw, kvw, inter) = (c.q_width(), c.kv_width(), c.intermediate);
         for l in &mut self.layers {

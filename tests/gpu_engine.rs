@@ -49,14 +49,12 @@ fn random_prompt(rng: &mut SplitMix64, len: usize, vocab: usize) -> Vec<u32> {
 /// bf16 where the kernels store them, and the all-f32 CPU model (both through the same INT8
 /// round trip of the weights for `Quant::Int8`).
 fn oracles(config: &ModelConfig, weights: &ModelWeights, quant: Quant) -> (CpuModel, CpuModel) {
-    let (cpu, f32_cpu) = (
-        CpuModel::new(config, weights).with_bf16_activations(),
-        CpuModel::new(config, weights),
-    );
-    match quant {
-        Quant::Bf16 => (cpu, f32_cpu),
-        Quant::Int8 => (cpu.with_int8_weights(), f32_cpu.with_int8_weights()),
-    }
+    (
+        CpuModel::new(config, weights)
+            .with_bf16_activations()
+            .with_weights(quant),
+        CpuModel::new(config, weights).with_weights(quant),
+    )
 }
 
 /// True when the reference's two best logits are too close for bf16 math to order reliably.

@@ -3,7 +3,7 @@
 
 use braidinfer::compare::{compare_logits, kl_divergence, rel_l2, top1_agreement_by_margin};
 use braidinfer::config::ModelConfig;
-use braidinfer::quant::Int8Matrix;
+use braidinfer::quant::{Int8Matrix, Quant};
 use braidinfer::reference::CpuModel;
 use braidinfer::rng::SplitMix64;
 use braidinfer::synthetic::synthetic_weights;
@@ -114,7 +114,7 @@ fn int8_cpu_model_agrees_with_bf16_on_the_synthetic_model() {
     };
     let weights = synthetic_weights(&config, 5);
     let bf16 = CpuModel::new(&config, &weights);
-    let int8 = CpuModel::new(&config, &weights).with_int8_weights();
+    let int8 = CpuModel::new(&config, &weights).with_weights(Quant::Int8);
     let (mut a, mut b) = (bf16.new_cache(), int8.new_cache());
     let mut rng = SplitMix64::new(6);
     let (mut reference, mut candidate) = (Vec::new(), Vec::new());

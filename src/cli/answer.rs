@@ -11,12 +11,11 @@ use crate::batch::{generate_batch, BatchDecoder, BatchEvent, CpuBatch, Request};
 use crate::generate::{check_prompt_fits, generate, CpuDecoder, Decoder, GenerationStats};
 use crate::gpu::{Engine, EngineOptions, Gpu, GpuDecoder};
 use crate::model::Model;
-use crate::quant::Quant;
 use crate::reference::CpuModel;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::StreamDecoder;
 
-/// Streams the answer to one prompt.
+/// Streams the answer to one prompt (`params` validated).
 pub(super) fn answer_one(
     args: &Args,
     model: &Model,
@@ -24,7 +23,6 @@ pub(super) fn answer_one(
     text: &str,
     max_tokens: usize,
 ) -> Result<()> {
-    params.validate()?;
     let prompt = prompt_ids(model, text, args.raw, args.no_think)?;
     let (label, stats) = match open_gpu(args.backend)? {
         Some(gpu) => {
@@ -38,7 +36,7 @@ pub(super) fn answer_one(
             )
         }
         None => {
-            let cpu = cpu_model(args, model);
+            let cpu = CpuModel::new(&model.config, &model.weights).with_weights(args.quant);
             let mut decoder = CpuDecoder::new(&cpu, params);
             check_prompt_fits(prompt.len(), decoder.context_limit())?;
             (
@@ -53,7 +51,8 @@ pub(super) fn answer_one(
     Ok(())
 }
 
-/// Answers every prompt, up to --batch decoded together, each printed whole when it finishes.
+/// Answers every prompt, up to --batch decoded together, each printed whole when it finishes
+/// (`params` validated).
 pub(super) fn answer_many(
     args: &Args,
     model: &Model,
@@ -61,7 +60,6 @@ pub(super) fn answer_many(
     texts: &[String],
     max_tokens: usize,
 ) -> Result<()> {
-    params.validate()?;
     let requests = texts
         .iter()
         .map(|text| {
@@ -80,7 +78,7 @@ pub(super) fn answer_many(
             (label, print_answers(model, &mut engine, &requests)?)
         }
         None => {
-            let cpu = cpu_model(args, model);
+            let cpu = CpuModel::new(&model.config, &model.weights).with_weights(args.quant);
             let mut batch = CpuBatch::new(&cpu, slots);
             (
                 "CPU reference".to_string(),
@@ -109,14 +107,6 @@ fn capture_engine(gpu: Gpu, args: &Args, model: &Model, max_batch: usize) -> Res
     let mut engine = Engine::new(gpu, &model.config, &model.weights, &options)?;
     engine.capture()?;
     Ok(engine)
-}
-
-fn cpu_model(args: &Args, model: &Model) -> CpuModel {
-    let cpu = CpuModel::new(&model.config, &model.weights);
-    match args.quant {
-        Quant::Bf16 => cpu,
-        Quant::Int8 => cpu.with_int8_weights(),
-    }
 }
 
 fn stream_answer(

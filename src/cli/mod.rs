@@ -233,6 +233,7 @@ pub fn run(args: Args) -> Result<()> {
         top_p: args.top_p.unwrap_or(model.generation.top_p),
         seed: args.seed,
     };
+    params.validate()?;
     match validated.input {
         Input::Save(dir) => {
             let tokenizer = tokenizer_dir(args.tokenizer.as_deref())?;

@@ -34,7 +34,6 @@ pub struct StepBuffers {
     partials: CudaSlice<f32>, // [rows, 16, splits, 130]
     counters: CudaSlice<i32>, // [rows, 8] attention completion counters, kept zero
     arrivals: CudaSlice<u64>, // [1 + 8] fused layer kernel: grid-barrier arrivals, kv heads done
-    tiles: RowTiles,   // prefill: the row tiles of the prefill attention
     /// None, or [layers, SMs, TRACE_EVENTS]: the fused layer launches' timelines.
     pub trace: Option<CudaSlice<u64>>,
 }
@@ -56,7 +55,6 @@ impl StepBuffers {
             partials: gpu.alloc(rows * Q_HEADS * splits * PARTIAL_FLOATS)?,
             counters: gpu.alloc(rows * KV_HEADS)?,
             arrivals: gpu.alloc(1 + KV_HEADS)?,
-            tiles: RowTiles::new(gpu, rows)?,
             trace: None,
         })
     }
@@ -67,15 +65,16 @@ impl StepBuffers {
 /// may then prepare each row's query and write its K/V itself: `FOLDED_ATTENTION_MAX_ROWS`),
 /// alone or in one of concurrent chains of rows (`chained_layers`).
 #[derive(Clone, Copy)]
-enum Tokens {
-    Prefill,
+enum Tokens<'a> {
+    /// The row tiles of the prefill attention, one sequence's rows each.
+    Prefill(&'a RowTiles),
     Decode(Placement),
 }
 
-impl Tokens {
+impl Tokens<'_> {
     fn placement(self) -> Placement {
         match self {
-            Tokens::Prefill => Placement::Alone,
+            Tokens::Prefill(_) => Placement::Alone,
             Tokens::Decode(placement) => placement,
         }
     }
@@ -259,19 +258,17 @@ impl Forward {
     }
 
     /// Embedding and every layer for the first `m` rows, kernel by kernel: prompt tokens, whose
-    /// rows `tiles` ((first row, rows) each) cut into the prefill attention's tiles of one
-    /// sequence each. K/V of the rows go into `cache`, and `bufs.x` ends holding the final
-    /// residual stream.
+    /// rows `tiles` cut into the prefill attention's tiles of one sequence each. K/V of the rows
+    /// go into `cache`, and `bufs.x` ends holding the final residual stream.
     pub fn prefill_layers(
         &self,
         bufs: &mut StepBuffers,
         cache: &mut KvCache,
         m: usize,
-        tiles: &[(usize, usize)],
+        tiles: &RowTiles,
     ) -> Result<()> {
-        bufs.tiles.write(&self.gpu, tiles)?;
         self.embed(bufs, m)?;
-        self.layer_rows(&self.gpu, bufs, cache, 0..m, 1, Tokens::Prefill)
+        self.layer_rows(&self.gpu, bufs, cache, 0..m, 1, Tokens::Prefill(tiles))
     }
 
     /// Every layer for `rows` of the buffers, kernel by kernel on `gpu`'s stream.
@@ -356,8 +353,8 @@ impl Forward {
                         &rows,
                         c.rms_eps,
                     )?;
-                    if let Tokens::Prefill = tokens {
-                        kernels::prefill_attention(gpu, &mut attn, &q, &k, &v, &rows, &bufs.tiles)?;
+                    if let Tokens::Prefill(tiles) = tokens {
+                        kernels::prefill_attention(gpu, &mut attn, &q, &k, &v, &rows, tiles)?;
                     } else {
                         kernels::attention(
                             gpu,

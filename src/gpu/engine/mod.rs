@@ -14,7 +14,7 @@ use cudarc::driver::{sys, CudaGraph, CudaSlice};
 
 use super::forward::{Forward, StepBuffers};
 use super::kernels::{
-    self, SampleState, SamplingParamsRaw, BLOCK_TOKENS, MAX_TOP_K, SAMPLE_CHUNKS,
+    self, RowTiles, SampleState, SamplingParamsRaw, BLOCK_TOKENS, MAX_TOP_K, SAMPLE_CHUNKS,
 };
 use super::kv_cache::{bytes_per_position, KvCache};
 use super::weights::DeviceWeights;
@@ -101,6 +101,7 @@ pub struct Engine {
     cache: KvCache,
     decode: StepBuffers,                  // rows = max_batch, row b = slot b
     prefill: StepBuffers,                 // rows = prefill_chunk
+    prefill_tiles: RowTiles,              // the prefill attention's row tiles of a pass
     logits: CudaSlice<f32>,               // [max_batch, vocab]
     prompt_logits: CudaSlice<f32>,        // [min(PROMPT_LOGITS_ROWS, max_batch), vocab]
     params: CudaSlice<SamplingParamsRaw>, // [max_batch]
@@ -136,6 +137,7 @@ impl Engine {
             .unwrap_or(1);
         let decode = StepBuffers::new(&gpu, b, splits)?;
         let prefill = StepBuffers::new(&gpu, options.prefill_chunk, 1)?;
+        let prefill_tiles = RowTiles::new(&gpu, options.prefill_chunk)?;
         let logits = gpu.alloc(b * config.vocab)?;
         let prompt_logits = gpu.alloc(PROMPT_LOGITS_ROWS.min(b) * config.vocab)?;
         let params = gpu.upload(&vec![
@@ -186,6 +188,7 @@ impl Engine {
             cache,
             decode,
             prefill,
+            prefill_tiles,
             logits,
             prompt_logits,
             params,

@@ -180,24 +180,35 @@ impl Engine {
             self.forward
                 .gpu
                 .write(&mut self.prefill.row_seq, &row_seq)?;
+            self.prefill_tiles
+                .write(&self.forward.gpu, &prefill_plan::tiles(&pass))?;
             self.forward.prefill_layers(
                 &mut self.prefill,
                 &mut self.cache,
                 m,
-                &prefill_plan::tiles(&pass),
+                &self.prefill_tiles,
             )?;
-            if let (Some(all), Some(buffer)) = (collected.as_mut(), pass_logits.as_mut()) {
-                self.forward.logits(&mut self.prefill, 0, m, buffer)?;
-                all.extend_from_slice(&self.forward.gpu.download(buffer)?[..m * v]);
-            }
-            // The last rows of the prompts that end in this pass: LM heads over up to
-            // PROMPT_LOGITS_ROWS of them at a time (gathered into the decode buffers, which
-            // are scratch between steps), each row's logits then copied to its slot.
+            // The last rows of the prompts that end in this pass.
             let ends: Vec<(usize, usize)> = pass
                 .iter()
                 .filter(|p| p.position + p.len == lens[p.prompt])
                 .map(|p| (p.row + p.len - 1, starts[p.prompt].slot))
                 .collect();
+            if let (Some(all), Some(buffer)) = (collected.as_mut(), pass_logits.as_mut()) {
+                // One prompt, every row's logits kept: its last row's are among them.
+                self.forward.logits(&mut self.prefill, 0, m, buffer)?;
+                all.extend_from_slice(&self.forward.gpu.download(buffer)?[..m * v]);
+                for &(row, slot) in &ends {
+                    self.forward.gpu.stream.memcpy_dtod(
+                        &buffer.slice(row * v..(row + 1) * v),
+                        &mut self.logits.slice_mut(slot * v..(slot + 1) * v),
+                    )?;
+                }
+                continue;
+            }
+            // LM heads over up to PROMPT_LOGITS_ROWS last rows at a time (gathered into the
+            // decode buffers, which are scratch between steps), each row's logits then copied
+            // to its slot.
             for group in ends.chunks(self.prompt_logits.len() / v) {
                 let rows: Vec<usize> = group.iter().map(|&(row, _)| row).collect();
                 self.forward
