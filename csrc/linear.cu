@@ -491,6 +491,17 @@ constexpr int kSkinnyWidest = 8192;
 // Shapes picked so that each product is about one wave of two blocks per SM (132 SMs) with
 // every warp holding 4-8 weight loads in flight: gate/up (6144) in 24-row blocks and qkv (4096)
 // in 16-row blocks of 8 warps; the 1024-row products in 8-row blocks of 16 warps splitting k.
+// Above 8 activation rows (the 9-16-row chains of batches 17-32), where every block reading all
+// the rows costs more than a block's weights, blocks four times as wide: qkv and gate/up in
+// 64-row blocks of 8 warps, the 1024-row products in 32-row blocks of 16 warps (H100, context
+// 512, same run: batch 17 / 24 / 32 9,794 / 13,749 / 17,186 -> 10,527 / 14,200 / 17,737 tok/s;
+// only qkv and gate/up widened 10,012 / 13,863 / 17,361; the 1024-row products in 16-row blocks
+// instead 10,372 / 14,349 / 17,908. In an earlier run (batch 32: 17,178 / 17,200 on the old
+// shapes), qkv and gate/up in 64-row blocks with one load in flight per row tile: 17,512 / 17,539
+// alone, 17,456 / 17,467 with the 1024-row products in 32-row blocks of two loads, 15,795 /
+// 15,917 with them in 64-row blocks; those 32-row blocks alone 16,617 / 16,598. Products of
+// 17-32 rows beside another chain on these shapes instead of tiled, batch 48 / 64: 15,511 /
+// 18,349 against 19,901 / 24,093.)
 // The LM head (151936 rows) in blocks of 8 warps, of 32 rows up to 8 activation rows, of 64
 // above (each A chunk then serves 8 tiles); the same 8 warps at every m, so that a row's sums
 // never depend on m (batch invariance). It starts after the previous kernel: launched early it
@@ -506,6 +517,11 @@ cudaError_t launch_skinny(const SkinnyArgs &args, cudaStream_t stream) {
     if (args.n > kSkinnyWidest)
         return args.m > 8 ? launch_skinny_shape<MT, 8, 8, 1, Epilogue, Norm>(args, Start::kAfterPrevious, stream)
                           : launch_skinny_shape<MT, 4, 8, 2, Epilogue, Norm>(args, Start::kAfterPrevious, stream);
+    if constexpr (MT == 1) {
+        if (args.m > 8 && args.n >= 4096 && args.n % 64 == 0)
+            return launch_skinny_shape<MT, 8, 8, 2, Epilogue, Norm>(args, Start::kEarly, stream);
+        if (args.m > 8 && args.n % 32 == 0) return launch_skinny_shape<MT, 4, 16, 4, Epilogue, Norm>(args, Start::kEarly, stream);
+    }
     if (args.n >= 6144 && args.n % 24 == 0) return launch_skinny_shape<MT, 3, 8, 4, Epilogue, Norm>(args, Start::kEarly, stream);
     if (args.n >= 4096 && args.n % 16 == 0) return launch_skinny_shape<MT, 2, 8, 4, Epilogue, Norm>(args, Start::kEarly, stream);
     return launch_skinny_shape<MT, 1, 16, 8, Epilogue, Norm>(args, Start::kEarly, stream);

@@ -386,10 +386,11 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
         return;
     };
     let mut rng = common::fresh_rng("gpu_linear");
-    // Skinny tilings (m <= 16; up to 32 alone with n <= 8192: two row tiles) and the tiled ones
-    // (64 or 128 rows by 128 columns; k split across a cluster where the tiles are few: m = 17-32
-    // beside another chain, m = 24 with n = 9216, 33, 40, 64, 65, 200, 256 here), with the
-    // model's k and both n paths, for bf16 and INT8 weights; n = 1040 and n = 384 end in a
+    // Skinny tilings (m <= 16, in wider blocks above 8 rows: 12, 9, 16 here; up to 32 alone with
+    // n <= 8192: two row tiles) and the tiled ones (64 or 128 rows by 128 columns; k split across
+    // a cluster where the tiles are few: m = 17-32 beside another chain, m = 24 with n = 9216, 33,
+    // 40, 64, 65, 200, 256 here), with the model's k and both n paths, for bf16 and INT8
+    // weights; n = 1040 and n = 384 end in a
     // partial tile; n > 8192 at m <= 16 is the LM head's skinny shape (32-row blocks up to m = 8,
     // 64-row blocks above). Products of 17-32 rows run with both placements. (129, 53264, 1024):
     // weights larger than L2 (bf16 and INT8), whose grid runs row tiles along x.
@@ -405,6 +406,9 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
             (1, 1024, 3072),
             (3, 4096, 1024),
             (16, 6144, 1024),
+            (12, 4096, 1024),
+            (9, 1024, 3072),
+            (16, 1024, 2048),
             (17, 1024, 2048),
             (32, 1024, 3072),
             (33, 1040, 2048),
@@ -423,6 +427,7 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
             (1, 151_936, 1024),
             (12, 9216, 1024),
             (9, 6144, 1024),
+            (16, 4096, 1024),
             (24, 9216, 1024),
             (32, 6144, 1024),
             (40, 1024, 1024),
