@@ -390,10 +390,10 @@ fn gpu_linear_matches_reference_for_decode_and_prefill_shapes() {
     // n <= 8192: two row tiles) and the tiled ones (64 or 128 rows by 128 columns; k split across
     // a cluster where the tiles are few: m = 17-32 beside another chain, m = 24 with n = 9216, 33,
     // 40, 64, 65, 200, 256 here), with the model's k and both n paths, for bf16 and INT8
-    // weights; n = 1040 and n = 384 end in a
-    // partial tile; n > 8192 at m <= 16 is the LM head's skinny shape (32-row blocks up to m = 8,
-    // 64-row blocks above). Products of 17-32 rows run with both placements. (129, 53264, 1024):
-    // weights larger than L2 (bf16 and INT8), whose grid runs row tiles along x.
+    // weights; n = 1040 and n = 384 end in a partial tile; n > 8192 at m <= 16 is the LM head's
+    // skinny shape (32-row blocks up to m = 8, 64-row blocks above). Products of 17-32 rows run
+    // with both placements. (129, 53264, 1024): weights larger than L2 (bf16 and INT8), whose
+    // grid runs row tiles along x.
     let placements = |m: usize| {
         if (17..=32).contains(&m) {
             vec![Placement::Alone, Placement::BesideChain]
