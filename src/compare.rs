@@ -117,8 +117,9 @@ fn top1_and_margin(logits: &[f32]) -> (usize, f32) {
     (best, first - second)
 }
 
-/// ||candidate - reference|| / ||reference||.
+/// ||candidate - reference|| / ||reference||; the two must be of one length.
 pub fn rel_l2(candidate: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(candidate.len(), reference.len(), "unequal lengths");
     let (mut diff, mut norm) = (0.0f64, 0.0f64);
     for (&c, &r) in candidate.iter().zip(reference) {
         diff += (c as f64 - r as f64).powi(2);

@@ -5,6 +5,7 @@
 mod common;
 
 use braidinfer::batch::{generate_batch, BatchEvent, Request, SequenceStart};
+use braidinfer::compare::rel_l2;
 use braidinfer::config::ModelConfig;
 use braidinfer::gpu::kv_cache::bytes_per_position;
 use braidinfer::gpu::{Engine, EngineOptions, Gpu};
@@ -485,11 +486,9 @@ struct Errors {
 
 impl Errors {
     fn add(&mut self, gpu: &[f32], oracle: &[f32], f32_reference: &[f32]) {
-        self.gpu_vs_f32 = self.gpu_vs_f32.max(common::rel_l2(gpu, f32_reference));
-        self.oracle_vs_f32 = self
-            .oracle_vs_f32
-            .max(common::rel_l2(oracle, f32_reference));
-        self.gpu_vs_oracle = self.gpu_vs_oracle.max(common::rel_l2(gpu, oracle));
+        self.gpu_vs_f32 = self.gpu_vs_f32.max(rel_l2(gpu, f32_reference));
+        self.oracle_vs_f32 = self.oracle_vs_f32.max(rel_l2(oracle, f32_reference));
+        self.gpu_vs_oracle = self.gpu_vs_oracle.max(rel_l2(gpu, oracle));
     }
 
     /// Same rounding points as the oracle, other summation orders: no worse than 1.5x the error

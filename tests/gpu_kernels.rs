@@ -3,6 +3,7 @@
 
 mod common;
 
+use braidinfer::compare::rel_l2;
 use braidinfer::config::ModelConfig;
 use braidinfer::gpu::kernels::{
     self, Epilogue, LayerCache, Matrix, Placement, Rows, SampleState, SamplingParamsRaw,
@@ -192,7 +193,7 @@ fn run_linear_case(
     .unwrap();
     let out = gpu.download(&d_out).unwrap();
     common::assert_all_finite(&out, "linear store");
-    let err = common::rel_l2(&out, &expected);
+    let err = rel_l2(&out, &expected);
     assert!(
         err < 1e-5,
         "linear m={m} n={n} k={k} int8={int8} {placement:?}: relative L2 {err:.2e}"
@@ -233,7 +234,7 @@ fn run_linear_case(
     .unwrap();
     let x = gpu.download(&d_x).unwrap();
     let want: Vec<f32> = base.iter().zip(&expected).map(|(b, e)| b + e).collect();
-    let err = common::rel_l2(&x, &want);
+    let err = rel_l2(&x, &want);
     assert!(
         err < 1e-5,
         "linear add m={m} n={n} k={k} int8={int8} {placement:?}: relative L2 {err:.2e}"
@@ -340,7 +341,7 @@ fn run_norm_linear_case(
         .sum::<f64>()
         .sqrt();
     let bound = 1e-5 + bf16_flip_allowance(&x, &norm_f32, &w, (m, n, k)) / norm_of_expected;
-    let err = common::rel_l2(&out, &expected);
+    let err = rel_l2(&out, &expected);
     assert!(
         err < bound,
         "norm_linear m={m} n={n} k={k} int8={int8} {placement:?}: relative L2 {err:.2e}, bound {bound:.2e}"
@@ -371,7 +372,7 @@ fn run_norm_linear_case(
             silu(out[r * n + 2 * j]) * out[r * n + 2 * j + 1]
         })
         .collect();
-    let err = common::rel_l2(&act, &want);
+    let err = rel_l2(&act, &want);
     assert!(
         err < 2f64.powi(-8),
         "swiglu m={m} n={n} k={k} int8={int8} {placement:?}: relative L2 {err:.2e} (bf16 output)"
@@ -733,7 +734,7 @@ fn assert_attention_rows<'t>(
             &gather_positions(k_all, table(r), len),
             &gather_positions(v_all, table(r), len),
         );
-        let err = common::rel_l2(got, &want);
+        let err = rel_l2(got, &want);
         assert!(
             err < 4e-3,
             "{what}: row {r} (length {len}): relative L2 {err:.2e}"

@@ -106,6 +106,12 @@ fn comparison_metrics_behave() {
 }
 
 #[test]
+#[should_panic(expected = "unequal lengths")]
+fn rel_l2_refuses_unequal_lengths() {
+    rel_l2(&[1.0, 2.0], &[1.0]);
+}
+
+#[test]
 fn int8_cpu_model_agrees_with_bf16_on_the_synthetic_model() {
     let config = ModelConfig {
         layers: 2,

@@ -3,6 +3,7 @@
 
 mod common;
 
+use braidinfer::compare::rel_l2;
 use braidinfer::config::ModelConfig;
 use braidinfer::reference::CpuModel;
 use braidinfer::weights::ModelWeights;
@@ -25,7 +26,7 @@ fn logits_match_transformers_on_a_tiny_qwen3() {
     for (position, (&token, reference)) in tokens.iter().zip(&logits).enumerate() {
         let ours = model.forward(token, &mut cache).unwrap();
         common::assert_all_finite(&ours, "logits");
-        let error = common::rel_l2(&ours, reference);
+        let error = rel_l2(&ours, reference);
         // Both sides compute in f32; only summation order differs.
         assert!(
             error < 1e-4,

@@ -74,14 +74,6 @@ pub fn fresh_rng(test: &str) -> braidinfer::rng::SplitMix64 {
     braidinfer::rng::SplitMix64::new(seed)
 }
 
-/// ||a - b|| / ||b||.
-pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
-
 pub fn assert_all_finite(values: &[f32], what: &str) {
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         panic!("{what}: element {i} is {} (unwritten or broken)", values[i]);
