@@ -1,7 +1,7 @@
-//! The sweep's arithmetic (bytes, FLOPs, floors) and its outputs (CSV rows, the SVG plot).
+//! The sweep's arithmetic (bytes, FLOPs, floors) and its outputs (CSV rows, the SVG and PNG plots).
 
 use braidinfer::config::ModelConfig;
-use braidinfer::plot::roofline_svg;
+use braidinfer::plot::{roofline_plot, PlotFormat};
 use braidinfer::roofline::{step_bytes, step_flops, Point, CSV_HEADER};
 
 #[test]
@@ -54,7 +54,7 @@ fn a_point_is_measured_against_the_larger_floor() {
 }
 
 #[test]
-fn the_plot_is_an_svg_with_both_lines_and_other_formats_are_refused() {
+fn the_plot_is_an_svg_or_a_png_with_both_lines_and_other_formats_are_refused() {
     let c = ModelConfig::qwen3_0_6b();
     let points: Vec<Point> = [1, 8, 64]
         .iter()
@@ -62,15 +62,34 @@ fn the_plot_is_an_svg_with_both_lines_and_other_formats_are_refused() {
         .collect();
     let dir = std::env::temp_dir().join(format!("braidinfer-plot-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+
     let svg = dir.join("sweep.svg");
-    roofline_svg(&svg, "test", &points).unwrap();
+    roofline_plot(&svg, "test", &points).unwrap();
     let text = std::fs::read_to_string(&svg).unwrap();
-    assert!(
-        text.starts_with("<svg") || text.contains("<svg"),
-        "an SVG document"
-    );
+    assert!(text.contains("<svg"), "an SVG document");
     assert!(text.contains("measured, context 512") && text.contains("roofline, context 512"));
-    let err = roofline_svg(&dir.join("sweep.png"), "test", &points).unwrap_err();
-    assert!(format!("{err}").contains(".svg"), "{err}");
+
+    // The PNG: the right size, and more than a blank page (lines, dots and text in colours).
+    let png = dir.join("sweep.PNG");
+    roofline_plot(&png, "test", &points).unwrap();
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG signature");
+    let (width, height) = (
+        u32::from_be_bytes(bytes[16..20].try_into().unwrap()),
+        u32::from_be_bytes(bytes[20..24].try_into().unwrap()),
+    );
+    assert_eq!((width, height), (960, 640));
+    assert!(
+        bytes.len() > 10_000,
+        "{} bytes: too few for a drawn plot",
+        bytes.len()
+    );
+
+    for bad in ["sweep.jpg", "sweep"] {
+        let err = roofline_plot(&dir.join(bad), "test", &points).unwrap_err();
+        assert!(format!("{err}").contains(".svg or .png"), "{err}");
+        assert!(PlotFormat::of(&dir.join(bad)).is_err());
+        assert!(!dir.join(bad).exists(), "{bad}: nothing written");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

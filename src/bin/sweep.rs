@@ -1,10 +1,10 @@
 //! Batch-size sweep: decode step time of Qwen3-0.6B (synthetic weights, real shapes) for every
 //! batch size and context asked for, against the memory and compute floors measured in the
 //! same run (copy bandwidth, braidinfer's tensor-core product rate). Prints a table, and writes
-//! JSON, CSV and an SVG roofline plot on request.
+//! JSON, CSV and a roofline plot (SVG or PNG) on request.
 //!
 //!     sweep [--batches 1,2,4,...,256] [--contexts 512] [--quant bf16|int8] [--batch-invariant] [--runs 30]
-//!           [--json PATH] [--csv PATH] [--plot sweep.svg]
+//!           [--json PATH] [--csv PATH] [--plot sweep.svg|sweep.png]
 
 use std::path::PathBuf;
 
@@ -16,6 +16,7 @@ use braidinfer::bench::{copy_bandwidth, decode_step_ms, matrix_rate};
 use braidinfer::config::ModelConfig;
 use braidinfer::gpu::kv_cache::bytes_per_position;
 use braidinfer::gpu::{Engine, EngineOptions, Gpu};
+use braidinfer::plot::{roofline_plot, PlotFormat};
 use braidinfer::quant::Quant;
 use braidinfer::roofline::{Point, CSV_HEADER};
 use braidinfer::sampling::SamplingParams;
@@ -44,7 +45,7 @@ struct Args {
     json: Option<PathBuf>,
     #[arg(long)]
     csv: Option<PathBuf>,
-    /// SVG file: tok/s against batch on log axes, with the roofline.
+    /// SVG or PNG file (by its extension): tok/s against batch on log axes, with the roofline.
     #[arg(long)]
     plot: Option<PathBuf>,
 }
@@ -65,6 +66,9 @@ fn run(args: Args) -> Result<()> {
     }
     if args.runs == 0 {
         bail!("--runs must be positive");
+    }
+    if let Some(path) = &args.plot {
+        PlotFormat::of(path)?; // a wrong extension stops the sweep before it runs, not after
     }
     let gpu = Gpu::open().context("the sweep needs an NVIDIA GPU")?;
     let device = gpu.name();
@@ -156,7 +160,7 @@ fn run(args: Args) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.plot {
-        braidinfer::plot::roofline_svg(
+        roofline_plot(
             path,
             &format!("braidinfer decode, Qwen3-0.6B {}, {device}", args.quant),
             &points,
