@@ -27,6 +27,7 @@ fmt:
 
 lint: setup
 	$(CARGO) clippy --release --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps
 
 # The compiler's resource report (registers, shared memory, spills) of every kernel.
 ptxas: setup

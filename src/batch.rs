@@ -57,7 +57,7 @@ pub trait BatchDecoder {
     fn finish(&mut self, slot: usize) -> Result<()>;
     /// Samples the next token of every live sequence.
     fn step(&mut self) -> Result<()>;
-    /// The token each slot sampled last [slots] (meaningful for live slots only).
+    /// The token each slot sampled last `[slots]` (meaningful for live slots only).
     fn tokens(&mut self) -> Result<Vec<u32>>;
 }
 

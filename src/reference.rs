@@ -135,7 +135,7 @@ impl CpuModel {
         }
     }
 
-    /// Runs `token` at position `cache.len()`, appends its K/V, returns the logits [vocab].
+    /// Runs `token` at position `cache.len()`, appends its K/V, returns the logits `[vocab]`.
     pub fn forward(&self, token: u32, cache: &mut CpuCache) -> Result<Vec<f32>> {
         let c = &self.config;
         ensure!(

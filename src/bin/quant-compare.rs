@@ -97,7 +97,7 @@ struct Speed {
     decode: Vec<Decode>,
 }
 
-/// One format's run: its speed, the logits of every prompt and forced position [vocab] each,
+/// One format's run: its speed, the logits of every prompt and forced position (`[vocab]` each),
 /// and the tokens it was forced through per prompt.
 struct Evaluation {
     speed: Speed,

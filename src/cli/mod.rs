@@ -99,7 +99,7 @@ pub struct Args {
     #[arg(long)]
     pub raw: bool,
 
-    /// Ask Qwen3 to answer without a <think> block (enable_thinking=false in the template).
+    /// Ask Qwen3 to answer without a `<think>` block (enable_thinking=false in the template).
     #[arg(long)]
     pub no_think: bool,
 
@@ -263,7 +263,7 @@ fn open_gpu(backend: Backend) -> Result<Option<Gpu>> {
     }
 }
 
-/// The token ids of `prompt`: through the chat template (without a <think> block when
+/// The token ids of `prompt`: through the chat template (without a `<think>` block when
 /// `no_think`) unless `raw`; every id checked against the vocabulary.
 pub fn prompt_ids(model: &Model, prompt: &str, raw: bool, no_think: bool) -> Result<Vec<u32>> {
     let text = if raw {

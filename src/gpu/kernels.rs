@@ -46,7 +46,7 @@ pub const KV_WIDTH: usize = KV_HEADS * HEAD_DIM;
 pub const QKV_WIDTH: usize = Q_WIDTH + 2 * KV_WIDTH;
 
 /// A weight matrix [rows, cols] on the device: bf16, or INT8 with one f32 scale per row (row r
-/// stands for values[r, :] * scales[r]).
+/// stands for `values[r, :] * scales[r]`).
 pub enum Matrix {
     Bf16(CudaSlice<u16>),
     Int8 {
@@ -119,7 +119,7 @@ impl MatrixRef<'_> {
     }
 }
 
-/// values [rows, cols] int8 and scales [rows] f32 = the per-row INT8 quantization of w [rows,
+/// values `[rows, cols]` int8 and scales `[rows]` f32 = the per-row INT8 quantization of w [rows,
 /// cols] bf16.
 pub fn quantize_int8(
     gpu: &Gpu,
@@ -196,7 +196,7 @@ fn pm<T>(gpu: &Gpu, buffer: &mut impl DevicePtrMut<T>) -> *mut T {
     buffer.device_ptr_mut(&gpu.stream).0 as *mut T
 }
 
-/// x[m, hidden] f32 = table[tokens[m]]; table [vocab, hidden] bf16.
+/// `x[m, hidden]` f32 = `table[tokens[m]]`; table `[vocab, hidden]` bf16.
 pub fn embedding(
     gpu: &Gpu,
     x: &mut impl DevicePtrMut<f32>,
@@ -225,7 +225,7 @@ pub fn embedding(
     check(code, "bi_embedding")
 }
 
-/// out[m, hidden] bf16 = rmsnorm(x[m, hidden] f32) * weight[hidden].
+/// `out[m, hidden]` bf16 = rmsnorm(`x[m, hidden]` f32) * `weight[hidden]`.
 pub fn rmsnorm(
     gpu: &Gpu,
     out: &mut impl DevicePtrMut<u16>,

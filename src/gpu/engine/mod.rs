@@ -366,7 +366,7 @@ impl Engine {
         }
     }
 
-    /// The next input token of each slot (what the last step sampled) [max_batch].
+    /// The next input token of each slot (what the last step sampled) `[max_batch]`.
     pub fn tokens(&self) -> &CudaSlice<i32> {
         &self.decode.tokens
     }
