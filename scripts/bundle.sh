@@ -28,7 +28,7 @@ done < <(artifacts bench --no-run)
 cp "$shared_model"/{tokenizer.json,tokenizer_config.json,generation_config.json,config.json} dist/qwen3-0.6b/
 cp scripts/gpu-test.sh dist/
 # cargo's errors are hidden above (its JSON goes to the parser): fail loudly on a missing build.
-for needed in dist/braidinfer dist/sweep dist/quant-compare dist/tests/gpu_engine dist/tests/gpu_kernels dist/benches/decode; do
+for needed in dist/braidinfer dist/sweep dist/quant-compare dist/tests/gpu_engine dist/tests/gpu_kernels dist/tests/gpu_products dist/tests/gpu_attention dist/benches/decode; do
     [ -x "$needed" ] || { echo "bundle: $needed was not built (run cargo build --release --all-targets to see why)" >&2; exit 1; }
 done
 tar cJf dist.tar.xz dist

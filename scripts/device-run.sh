@@ -46,9 +46,12 @@ for step in $steps; do
                        --prompt "Hello there" --max-tokens 4 >"$out/sanitizer-int8.txt" 2>&1
                    summary+=("compute-sanitizer memcheck, int8 weights: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitizer-int8.txt" | tail -n 1))")
                    # The tiled products (split k included) and attention at every shape the tests use.
-                   timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 dist/tests/gpu_kernels --test-threads 1 linear attention \
-                       >"$out/sanitizer-kernels.txt" 2>&1
-                   summary+=("compute-sanitizer memcheck, kernel tests (linear, attention): exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitizer-kernels.txt" | tail -n 1))") ;;
+                   for tests in "gpu_products linear" "gpu_attention attention"; do
+                       set -- $tests
+                       timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 dist/tests/$1 --test-threads 1 $2 \
+                           >"$out/sanitizer-$1.txt" 2>&1
+                       summary+=("compute-sanitizer memcheck, $1 ($2 tests): exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitizer-$1.txt" | tail -n 1))")
+                   done ;;
         cli) dist/braidinfer --synthetic --prompt "Write a haiku about GPUs." --max-tokens 48 --stats 2>&1 | tee "$out/cli.txt"
              summary+=("$(tail -n 1 "$out/cli.txt")") ;;
         cli-batch) for i in $(seq 256); do echo "Question $i: explain why the sky is blue, in detail."; done >"$out/questions.txt"

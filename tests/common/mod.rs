@@ -79,3 +79,20 @@ pub fn assert_all_finite(values: &[f32], what: &str) {
         panic!("{what}: element {i} is {} (unwritten or broken)", values[i]);
     }
 }
+
+/// Random bf16 values (as bits) of standard deviation `std`.
+pub fn random_bf16(rng: &mut braidinfer::rng::SplitMix64, n: usize, std: f32) -> Vec<u16> {
+    (0..n)
+        .map(|_| half::bf16::from_f32(rng.centered(std)).to_bits())
+        .collect()
+}
+
+/// What device outputs are filled with before a launch: a bf16 NaN, so that an unwritten
+/// element shows.
+pub const POISON_BF16: u16 = 0x7FC1;
+
+pub fn bits_to_f32(bits: &[u16]) -> Vec<f32> {
+    bits.iter()
+        .map(|&b| half::bf16::from_bits(b).to_f32())
+        .collect()
+}
