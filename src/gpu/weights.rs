@@ -65,7 +65,7 @@ pub fn check_kernel_shapes(config: &ModelConfig) -> Result<()> {
     expect("num_key_value_heads", config.kv_heads, KV_HEADS)?;
     expect("head_dim", config.head_dim, HEAD_DIM)?;
     ensure!(
-        config.vocab % 16 == 0,
+        config.vocab.is_multiple_of(16),
         "vocab_size must be a multiple of 16 for the LM head kernel, found {}",
         config.vocab
     );
