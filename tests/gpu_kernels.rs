@@ -10,7 +10,7 @@ use braidinfer::reference::rms_norm;
 use braidinfer::sampling::{sample, SamplingParams};
 use half::bf16;
 
-use common::{random_bf16, POISON_BF16};
+use common::{bits_to_f32, random_bf16, POISON_BF16};
 
 #[test]
 fn gpu_embedding_gathers_rows() {
@@ -58,20 +58,12 @@ fn gpu_rmsnorm_matches_reference() {
         .iter()
         .map(|&w| bf16::from_f32(w).to_bits())
         .collect();
-    let weight_f32: Vec<f32> = weight_bits
-        .iter()
-        .map(|&b| bf16::from_bits(b).to_f32())
-        .collect();
+    let weight_f32 = bits_to_f32(&weight_bits);
     let d_x = gpu.upload(&x).unwrap();
     let d_w = gpu.upload(&weight_bits).unwrap();
     let mut d_out = gpu.upload(&vec![POISON_BF16; m * hidden]).unwrap();
     kernels::rmsnorm(&gpu, &mut d_out, &d_x, &d_w, m, hidden, eps).unwrap();
-    let out: Vec<f32> = gpu
-        .download(&d_out)
-        .unwrap()
-        .into_iter()
-        .map(|b| bf16::from_bits(b).to_f32())
-        .collect();
+    let out = bits_to_f32(&gpu.download(&d_out).unwrap());
     common::assert_all_finite(&out, "rmsnorm out");
     for r in 0..m {
         let expected = rms_norm(&x[r * hidden..(r + 1) * hidden], &weight_f32, eps);
