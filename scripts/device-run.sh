@@ -2,7 +2,12 @@
 # One GPU-machine session over the bundle (run from the repository root with dist/ carried):
 # the GPU tests, the transformers parity check, the decode benchmark and a CLI run, each logged
 # under $OUT, with a short summary last.
-# Usage: scripts/device-run.sh [tests|parity|bench|int8|quant|kernels|sanitizer|cli|cli-batch|sweep|sweep-int8|sweep-invariant]...
+# Usage: scripts/device-run.sh [tests|parity|bench|int8|quant|kernels|sanitizer|cli|cli-batch|sweep|sweep-int8|sweep-invariant|ab]...
+# ab: a same-run sweep A/B of this bundle (A) against another one carried beside it (B: the
+# tarball AB_BUNDLE, e.g. an experiment branch's `make bundle` renamed dist-NAME.tar.xz), each B
+# run under every setting of AB_VARIANTS ('|'-separated environment settings, e.g.
+# "BI_X=1|BI_Y=1 BI_Z=1"; default: none), A and B alternating, AB_REPS rounds (default 2), at
+# batches AB_BATCHES (default 32,64,128,256).
 set -uo pipefail
 # Logs go to a scratch folder, then into $OUT/logs.tar.gz (the device tool returns few files).
 results=${OUT:-/tmp/braidinfer-out}
@@ -54,6 +59,19 @@ for step in $steps; do
                    done ;;
         cli) dist/braidinfer --synthetic --prompt "Write a haiku about GPUs." --max-tokens 48 --stats 2>&1 | tee "$out/cli.txt"
              summary+=("$(tail -n 1 "$out/cli.txt")") ;;
+        ab) rm -rf "$out/b" && mkdir -p "$out/b" && tar xJf "${AB_BUNDLE:?ab needs AB_BUNDLE}" -C "$out/b" || exit 1
+            IFS='|' read -r -a variants <<<"${AB_VARIANTS:-}"
+            [ ${#variants[@]} -eq 0 ] && variants=("")
+            for rep in $(seq "${AB_REPS:-2}"); do
+                for run in "A|" $(printf 'B|%s\n' "${variants[@]// /,}"); do
+                    bundle=dist; [ "${run%%|*}" = B ] && bundle="$out/b/dist"
+                    settings=${run#*|}; settings=${settings//,/ }
+                    echo "== ${run%%|*} [${settings:-as built}] round $rep" | tee -a "$out/ab.txt"
+                    env $settings timeout 120 "$bundle/sweep" --batches "${AB_BATCHES:-32,64,128,256}" --runs 30 2>&1 \
+                        | grep -E '^ +[0-9]+ +[0-9]+ ' | tee -a "$out/ab.txt"
+                done
+            done
+            summary+=("ab: $(grep -c '^==' "$out/ab.txt") sweeps, table in ab.txt") ;;
         cli-batch) for i in $(seq 256); do echo "Question $i: explain why the sky is blue, in detail."; done >"$out/questions.txt"
                    for run in "1 16" "16 64" "64 256" "256 256"; do
                        set -- $run
