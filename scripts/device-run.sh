@@ -15,6 +15,12 @@ out=$(mktemp -d)
 mkdir -p "$results"
 steps=${*:-tests parity bench cli}
 summary=()
+# One sweep of step ab: label, bundle folder, environment settings, round.
+ab_sweep() {
+    echo "== $1 [${3:-as built}] round $4" | tee -a "$out/ab.txt"
+    env $3 timeout 120 "$2/sweep" --batches "${AB_BATCHES:-32,64,128,256}" --runs 30 2>&1 \
+        | grep -E '^ +[0-9]+ +[0-9]+ ' | tee -a "$out/ab.txt"
+}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee "$out/device.txt"
 for step in $steps; do
     echo "=== $step"
@@ -63,13 +69,8 @@ for step in $steps; do
             IFS='|' read -r -a variants <<<"${AB_VARIANTS:-}"
             [ ${#variants[@]} -eq 0 ] && variants=("")
             for rep in $(seq "${AB_REPS:-2}"); do
-                for run in "A|" $(printf 'B|%s\n' "${variants[@]// /,}"); do
-                    bundle=dist; [ "${run%%|*}" = B ] && bundle="$out/b/dist"
-                    settings=${run#*|}; settings=${settings//,/ }
-                    echo "== ${run%%|*} [${settings:-as built}] round $rep" | tee -a "$out/ab.txt"
-                    env $settings timeout 120 "$bundle/sweep" --batches "${AB_BATCHES:-32,64,128,256}" --runs 30 2>&1 \
-                        | grep -E '^ +[0-9]+ +[0-9]+ ' | tee -a "$out/ab.txt"
-                done
+                ab_sweep A dist "" "$rep"
+                for settings in "${variants[@]}"; do ab_sweep B "$out/b/dist" "$settings" "$rep"; done
             done
             summary+=("ab: $(grep -c '^==' "$out/ab.txt") sweeps, table in ab.txt") ;;
         cli-batch) for i in $(seq 256); do echo "Question $i: explain why the sky is blue, in detail."; done >"$out/questions.txt"
